@@ -1,0 +1,358 @@
+//! `POST /` with a Bundle: `transaction` (all or nothing, one database transaction, `urn:uuid:`
+//! references resolved, conditional entries honoured) or `batch` (each entry on its own).
+use std::collections::HashMap;
+
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::format::{BaseUrl, FhirBody, Prefer, ReturnPref, fhir_json, negotiate};
+use super::interactions::{self, Written, conditional_match, parse_etag};
+use super::responses::{bundle, entry_response, parse_body};
+use crate::error::{ApiError, ApiResult, Issue};
+use crate::fhir::resource::{for_each_reference, is_valid_id, parse_json, resource_type, validate};
+use crate::fhir::schema::SchemaValidators;
+use crate::store::StoreTx;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Method {
+    // FHIR's processing order within a transaction
+    Delete,
+    Post,
+    Put,
+    Get,
+}
+
+#[derive(Debug)]
+struct Entry {
+    index: usize,
+    method: Method,
+    rt: String,
+    /// Logical id from the URL (PUT/DELETE/GET `Type/id`), else assigned.
+    id: Option<String>,
+    /// `Type?query` of a conditional PUT / DELETE.
+    conditional: Option<String>,
+    if_none_exist: Option<String>,
+    if_match: Option<i64>,
+    full_url: Option<String>,
+    resource: Option<Value>,
+    /// A transaction's conditional POST already matched this existing resource.
+    existing: bool,
+}
+
+/// An error located at an entry: its path is prefixed `Bundle.entry[i]`.
+fn at_entry(index: usize, e: ApiError) -> ApiError {
+    match e {
+        ApiError::Invalid { .. } => e.within_entry(index),
+        other => ApiError::Invalid {
+            status: other.status(),
+            issues: other
+                .issues()
+                .into_iter()
+                .map(|mut i| {
+                    i.expression = Some(format!("Bundle.entry[{index}]"));
+                    i
+                })
+                .collect(),
+        },
+    }
+}
+
+fn entry_error(index: usize, msg: String, field: &str) -> ApiError {
+    ApiError::invalid(vec![Issue::error("invalid", msg, Some(format!("Bundle.entry[{index}].{field}")))])
+}
+
+fn parse_entry(index: usize, e: &Value) -> ApiResult<Entry> {
+    let req = &e["request"];
+    let method = match req["method"].as_str() {
+        Some("POST") => Method::Post,
+        Some("PUT") => Method::Put,
+        Some("DELETE") => Method::Delete,
+        Some("GET") => Method::Get,
+        Some(m) => return Err(entry_error(index, format!("request.method {m} is not supported"), "request.method")),
+        None => return Err(entry_error(index, "request.method is required".into(), "request.method")),
+    };
+    let url = req["url"].as_str().ok_or_else(|| entry_error(index, "request.url is required".into(), "request.url"))?;
+    let url = url.trim_start_matches('/');
+    let (path, query) = match url.split_once('?') {
+        Some((p, q)) => (p, Some(q.to_string())),
+        None => (url, None),
+    };
+    let mut segs = path.split('/');
+    let rt = segs.next().unwrap_or_default().to_string();
+    let id = segs.next().map(String::from);
+    if segs.next().is_some() {
+        return Err(entry_error(index, format!("request.url '{url}' is not Type, Type/id or Type?query"), "request.url"));
+    }
+    super::require_type(&rt).map_err(|e| at_entry(index, e))?;
+    if let Some(id) = &id
+        && !is_valid_id(id)
+    {
+        return Err(entry_error(index, format!("'{id}' is not a valid id"), "request.url"));
+    }
+    let resource = e.get("resource").cloned();
+    match (method, &resource) {
+        (Method::Post | Method::Put, None) => {
+            return Err(entry_error(index, "a POST or PUT entry needs a resource".into(), "resource"));
+        }
+        (Method::Post, Some(_)) if id.is_some() || query.is_some() => {
+            return Err(entry_error(index, "a POST entry's request.url is the resource type".into(), "request.url"));
+        }
+        (Method::Put | Method::Delete, _) if id.is_none() && query.is_none() => {
+            return Err(entry_error(index, "PUT and DELETE need Type/id or Type?query".into(), "request.url"));
+        }
+        _ => {}
+    }
+    if let Some(r) = &resource {
+        let body_type = resource_type(r).map_err(|e| at_entry(index, e))?;
+        if body_type != rt {
+            return Err(entry_error(index, format!("the resource is a {body_type} but request.url names {rt}"), "resource"));
+        }
+        if let (Method::Put, Some(id), Some(body_id)) = (method, &id, r.get("id").and_then(Value::as_str))
+            && body_id != id
+        {
+            return Err(entry_error(index, format!("resource.id {body_id} differs from request.url id {id}"), "resource.id"));
+        }
+    }
+    let if_match = req["ifMatch"].as_str().map(parse_etag).transpose().map_err(|e| at_entry(index, e))?;
+    let conditional = if method == Method::Post { None } else { query };
+    Ok(Entry {
+        index,
+        method,
+        rt,
+        id,
+        conditional,
+        if_none_exist: req["ifNoneExist"].as_str().map(String::from),
+        if_match,
+        full_url: e["fullUrl"].as_str().map(String::from),
+        resource,
+        existing: false,
+    })
+}
+
+/// Validate the Bundle envelope (without its resources) and every entry's resource.
+fn validate_bundle(b: &Value) -> ApiResult<Vec<Entry>> {
+    let mut envelope = b.clone();
+    if let Some(entries) = envelope.get_mut("entry").and_then(Value::as_array_mut) {
+        for e in entries {
+            if let Some(o) = e.as_object_mut() {
+                o.shift_remove("resource");
+            }
+        }
+    }
+    let issues = SchemaValidators::get().validate(&envelope);
+    if !issues.is_empty() {
+        return Err(ApiError::invalid(issues));
+    }
+    let empty = vec![];
+    let raw = b["entry"].as_array().unwrap_or(&empty);
+    let mut entries = Vec::with_capacity(raw.len());
+    let mut issues = Vec::new();
+    for (i, e) in raw.iter().enumerate() {
+        let entry = parse_entry(i, e)?;
+        if let Some(r) = &entry.resource
+            && let Err(err) = validate(r)
+        {
+            issues.extend(at_entry(i, err).issues());
+        }
+        entries.push(entry);
+    }
+    if issues.is_empty() { Ok(entries) } else { Err(ApiError::invalid(issues)) }
+}
+
+struct Done {
+    status: &'static str,
+    written: Option<Written>,
+    location: bool,
+}
+
+/// Run one entry (after ids are assigned and references resolved).
+async fn execute(tx: &mut dyn StoreTx, e: &mut Entry) -> ApiResult<Done> {
+    let done = |status, written, location| Ok(Done { status, written, location });
+    match e.method {
+        Method::Post => {
+            let id = e.id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            if e.existing {
+                let stored = tx.current(&e.rt, &id).await?.ok_or_else(|| ApiError::NotFound(id.clone()))?;
+                return done("200 OK", Some(Written { stored, created: false }), false);
+            }
+            let resource = e.resource.take().unwrap_or_default();
+            let w = match &e.if_none_exist {
+                Some(q) => interactions::create_if_none_exist(tx, resource, &id, q).await?,
+                None => interactions::create(tx, resource, &id).await?,
+            };
+            let status = if w.created { "201 Created" } else { "200 OK" };
+            let created = w.created;
+            done(status, Some(w), created)
+        }
+        Method::Put => {
+            let id = match (&e.id, &e.conditional) {
+                (Some(id), _) => id.clone(),
+                (None, Some(q)) => conditional_match(tx, &e.rt, q).await?.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+                (None, None) => unreachable!("checked in parse_entry"),
+            };
+            let mut resource = e.resource.take().unwrap_or_default();
+            resource["id"] = json!(id);
+            let w = interactions::update(tx, resource, &id, e.if_match).await?;
+            let status = if w.created { "201 Created" } else { "200 OK" };
+            done(status, Some(w), true)
+        }
+        Method::Delete => {
+            let id = match (&e.id, &e.conditional) {
+                (Some(id), _) => Some(id.clone()),
+                (None, Some(q)) => conditional_match(tx, &e.rt, q).await?,
+                (None, None) => None,
+            };
+            if let Some(id) = id {
+                interactions::delete(tx, &e.rt, &id, e.if_match).await?;
+            }
+            done("204 No Content", None, false)
+        }
+        Method::Get => {
+            let id = e.id.as_deref().ok_or_else(|| {
+                ApiError::BadRequest("only reads (GET Type/id) are supported inside a Bundle; search with GET /Type".into())
+            })?;
+            let stored = tx.current(&e.rt, id).await?.filter(|s| !s.deleted);
+            let stored = stored.ok_or_else(|| ApiError::NotFound(format!("{}/{id} is not known", e.rt)))?;
+            done("200 OK", Some(Written { stored, created: false }), false)
+        }
+    }
+}
+
+fn response_entry(d: &Done, prefer: Prefer, base: &BaseUrl) -> ApiResult<Value> {
+    let Some(w) = &d.written else { return Ok(json!({"response": {"status": d.status}})) };
+    let s = &w.stored;
+    let mut entry = json!({"fullUrl": format!("{}/{}/{}", base.0, s.resource_type, s.id)});
+    if prefer.ret == ReturnPref::Representation && s.body.is_some() {
+        entry["resource"] = parse_body(s)?;
+    }
+    entry["response"] = entry_response(d.status, s, base, d.location);
+    Ok(entry)
+}
+
+pub async fn process(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    prefer: Prefer,
+    base: BaseUrl,
+    FhirBody(body): FhirBody,
+) -> ApiResult<Response> {
+    negotiate(&headers, query.as_deref())?;
+    let b = parse_json(&body)?;
+    let rt = resource_type(&b)?;
+    if rt != "Bundle" {
+        return Err(ApiError::invalid(vec![Issue::error(
+            "invalid",
+            format!("POST to the base takes a Bundle, not a {rt}"),
+            Some("resourceType".into()),
+        )]));
+    }
+    match b["type"].as_str() {
+        Some("transaction") => transaction(&state, &b, prefer, &base).await,
+        Some("batch") => batch(&state, &b, prefer, &base).await,
+        other => Err(ApiError::unprocessable(vec![Issue::error(
+            "not-supported",
+            format!("Bundle.type {} cannot be processed here: send a transaction or a batch", other.unwrap_or("(missing)")),
+            Some("Bundle.type".into()),
+        )])),
+    }
+}
+
+async fn transaction(state: &AppState, b: &Value, prefer: Prefer, base: &BaseUrl) -> ApiResult<Response> {
+    let mut entries = validate_bundle(b)?;
+    let mut tx = state.store.begin().await?;
+    // 1. ids: POST entries get new ids (or the match of their ifNoneExist), conditional PUTs their match
+    let mut ids: HashMap<String, String> = HashMap::new();
+    for e in entries.iter_mut() {
+        if e.method == Method::Post {
+            let matched = match &e.if_none_exist {
+                Some(q) => conditional_match(tx.as_mut(), &e.rt, q).await.map_err(|err| at_entry(e.index, err))?,
+                None => None,
+            };
+            e.existing = matched.is_some();
+            e.id = Some(matched.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()));
+        } else if e.method == Method::Put && e.id.is_none() {
+            let q = e.conditional.clone().unwrap_or_default();
+            let matched = conditional_match(tx.as_mut(), &e.rt, &q).await.map_err(|err| at_entry(e.index, err))?;
+            e.id = Some(matched.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()));
+        }
+        if let (Some(full), Some(id)) = (&e.full_url, &e.id) {
+            ids.insert(full.clone(), format!("{}/{id}", e.rt));
+        }
+    }
+    // 2. references to other entries (urn:uuid:, or their fullUrl) become Type/id
+    for e in entries.iter_mut() {
+        let index = e.index;
+        let rt = e.rt.clone();
+        let Some(r) = e.resource.as_mut() else { continue };
+        let mut unresolved = Vec::new();
+        for_each_reference(r, &rt, &mut |reference, path| {
+            if let Some(target) = ids.get(reference.as_str()) {
+                *reference = target.clone();
+            } else if reference.starts_with("urn:uuid:") || reference.starts_with("urn:oid:") {
+                unresolved.push(Issue::error(
+                    "not-found",
+                    format!("reference {reference} points to no entry of this Bundle"),
+                    Some(path.to_string()),
+                ));
+            }
+        });
+        if !unresolved.is_empty() {
+            return Err(ApiError::invalid(unresolved.into_iter().map(|i| i.within_entry(index)).collect()));
+        }
+    }
+    // 3. execute in FHIR order: DELETE, POST, PUT, GET; a conditional POST that matched just reads
+    let mut order: Vec<usize> = (0..entries.len()).collect();
+    order.sort_by_key(|&i| entries[i].method);
+    let mut results: Vec<Option<Done>> = (0..entries.len()).map(|_| None).collect();
+    for i in order {
+        let e = &mut entries[i];
+        let d = execute(tx.as_mut(), e).await.map_err(|err| at_entry(i, err))?;
+        results[i] = Some(d);
+    }
+    tx.commit().await?;
+    let out = results
+        .iter()
+        .map(|d| response_entry(d.as_ref().expect("every entry ran"), prefer, base))
+        .collect::<ApiResult<Vec<_>>>()?;
+    Ok(fhir_json(StatusCode::OK, &bundle("transaction-response", None, vec![], out)))
+}
+
+async fn batch(state: &AppState, b: &Value, prefer: Prefer, base: &BaseUrl) -> ApiResult<Response> {
+    let empty = vec![];
+    let raw = b["entry"].as_array().unwrap_or(&empty);
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, raw_entry) in raw.iter().enumerate() {
+        let result = async {
+            let mut e = parse_entry(i, raw_entry)?;
+            if let Some(r) = e.resource.as_mut() {
+                validate(r).map_err(|err| at_entry(i, err))?;
+                let mut dangling = None;
+                for_each_reference(r, "", &mut |reference, path| {
+                    if reference.starts_with("urn:uuid:") && dangling.is_none() {
+                        dangling = Some(path.to_string());
+                    }
+                });
+                if let Some(path) = dangling {
+                    return Err(entry_error(i, "a batch entry cannot reference another entry by urn:uuid".into(), &format!("resource{path}")));
+                }
+            }
+            let mut tx = state.store.begin().await?;
+            let d = execute(tx.as_mut(), &mut e).await.map_err(|err| at_entry(i, err))?;
+            tx.commit().await?;
+            response_entry(&d, prefer, base)
+        }
+        .await;
+        out.push(match result {
+            Ok(v) => v,
+            Err(err) => json!({"response": {
+                "status": format!("{} {}", err.status().as_u16(), err.status().canonical_reason().unwrap_or("")),
+                "outcome": err.outcome(),
+            }}),
+        });
+    }
+    Ok(fhir_json(StatusCode::OK, &bundle("batch-response", None, vec![], out)))
+}

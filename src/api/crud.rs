@@ -1,0 +1,213 @@
+//! Single-resource interactions: create, read, vread, update, delete.
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+
+use super::AppState;
+use super::format::{BaseUrl, FhirBody, Prefer, negotiate};
+use super::interactions::{self, parse_etag};
+use super::responses::resource_response;
+use crate::error::{ApiError, ApiResult, Issue};
+use crate::fhir::resource::{is_valid_id, parse_json, resource_type, validate};
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn if_match(headers: &HeaderMap) -> ApiResult<Option<i64>> {
+    header(headers, "if-match").map(parse_etag).transpose()
+}
+
+/// Parse and validate a body for `rt`; the type in the body must be the one in the URL.
+fn read_resource(rt: &str, body: &[u8]) -> ApiResult<serde_json::Value> {
+    let resource = parse_json(body)?;
+    let body_type = resource_type(&resource)?;
+    if body_type != rt {
+        return Err(ApiError::invalid(vec![Issue::error(
+            "invalid",
+            format!("the body is a {body_type} but the URL names {rt}"),
+            Some("resourceType".into()),
+        )]));
+    }
+    validate(&resource)?;
+    Ok(resource)
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    Path(rt): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    prefer: Prefer,
+    base: BaseUrl,
+    FhirBody(body): FhirBody,
+) -> ApiResult<Response> {
+    negotiate(&headers, query.as_deref())?;
+    super::require_type(&rt)?;
+    let resource = read_resource(&rt, &body)?;
+    let id = uuid::Uuid::new_v4().to_string();
+    let mut tx = state.store.begin().await?;
+    let written = match header(&headers, "if-none-exist") {
+        Some(q) => interactions::create_if_none_exist(tx.as_mut(), resource, &id, q).await?,
+        None => interactions::create(tx.as_mut(), resource, &id).await?,
+    };
+    tx.commit().await?;
+    let status = if written.created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok(resource_response(status, &written.stored, prefer, &base, written.created))
+}
+
+pub async fn read(
+    State(state): State<AppState>,
+    Path((rt, id)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    base: BaseUrl,
+) -> ApiResult<Response> {
+    negotiate(&headers, query.as_deref())?;
+    super::require_type(&rt)?;
+    let stored = state.store.read(&rt, &id).await?.ok_or_else(|| ApiError::NotFound(format!("{rt}/{id} is not known")))?;
+    if stored.deleted {
+        return Err(ApiError::Gone(format!("{rt}/{id} was deleted (version {})", stored.version_id)));
+    }
+    if header(&headers, "if-none-match").is_some_and(|v| v.trim_start_matches("W/") == format!("\"{}\"", stored.version_id)) {
+        let mut r = Response::new(axum::body::Body::empty());
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        return Ok(r);
+    }
+    Ok(resource_response(StatusCode::OK, &stored, Prefer::default(), &base, false))
+}
+
+pub async fn vread(
+    State(state): State<AppState>,
+    Path((rt, id, vid)): Path<(String, String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    base: BaseUrl,
+) -> ApiResult<Response> {
+    negotiate(&headers, query.as_deref())?;
+    super::require_type(&rt)?;
+    let v: i64 = vid.parse().map_err(|_| ApiError::NotFound(format!("{rt}/{id}/_history/{vid}: no such version")))?;
+    let stored = state
+        .store
+        .read_version(&rt, &id, v)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("{rt}/{id}/_history/{vid} is not known")))?;
+    if stored.deleted {
+        return Err(ApiError::Gone(format!("{rt}/{id} version {v} is a deletion")));
+    }
+    Ok(resource_response(StatusCode::OK, &stored, Prefer::default(), &base, false))
+}
+
+pub async fn update(
+    State(state): State<AppState>,
+    Path((rt, id)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    prefer: Prefer,
+    base: BaseUrl,
+    FhirBody(body): FhirBody,
+) -> ApiResult<Response> {
+    negotiate(&headers, query.as_deref())?;
+    super::require_type(&rt)?;
+    if !is_valid_id(&id) {
+        return Err(ApiError::BadRequest(format!("'{id}' is not a valid FHIR id")));
+    }
+    let resource = read_resource(&rt, &body)?;
+    match resource.get("id").and_then(|v| v.as_str()) {
+        Some(body_id) if body_id == id => {}
+        Some(body_id) => {
+            return Err(ApiError::invalid(vec![Issue::error(
+                "invalid",
+                format!("the id in the body ({body_id}) differs from the id in the URL ({id})"),
+                Some(format!("{rt}.id")),
+            )]));
+        }
+        None => {
+            return Err(ApiError::invalid(vec![Issue::error(
+                "required",
+                format!("an update must carry the id in the body (expected {id})"),
+                Some(format!("{rt}.id")),
+            )]));
+        }
+    }
+    let expected = if_match(&headers)?;
+    let mut tx = state.store.begin().await?;
+    let written = interactions::update(tx.as_mut(), resource, &id, expected).await?;
+    tx.commit().await?;
+    let status = if written.created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok(resource_response(status, &written.stored, prefer, &base, true))
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    Path((rt, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    super::require_type(&rt)?;
+    let expected = if_match(&headers)?;
+    let mut tx = state.store.begin().await?;
+    let deleted = interactions::delete(tx.as_mut(), &rt, &id, expected).await?;
+    tx.commit().await?;
+    let mut r = Response::new(axum::body::Body::empty());
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    if let Some(d) = deleted
+        && let Ok(v) = axum::http::HeaderValue::from_str(&super::responses::etag(d.version_id))
+    {
+        r.headers_mut().insert(axum::http::header::ETAG, v);
+    }
+    Ok(r)
+}
+
+/// `PUT /{type}?query`: update the one match, create when there is none, 412 for several.
+pub async fn conditional_update(
+    State(state): State<AppState>,
+    Path(rt): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    prefer: Prefer,
+    base: BaseUrl,
+    FhirBody(body): FhirBody,
+) -> ApiResult<Response> {
+    super::require_type(&rt)?;
+    let q = query.unwrap_or_default();
+    let mut resource = read_resource(&rt, &body)?;
+    let mut tx = state.store.begin().await?;
+    let body_id = resource.get("id").and_then(|v| v.as_str()).map(String::from);
+    let id = match interactions::conditional_match(tx.as_mut(), &rt, &q).await? {
+        Some(id) => id,
+        // no match: a client-chosen id in the body is honoured, as for update-as-create
+        None => body_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+    };
+    if let Some(body_id) = body_id
+        && body_id != id
+    {
+        return Err(ApiError::invalid(vec![Issue::error(
+            "invalid",
+            format!("the id in the body ({body_id}) is not the id of the matching resource ({id})"),
+            Some(format!("{rt}.id")),
+        )]));
+    }
+    resource["id"] = serde_json::json!(id);
+    let written = interactions::update(tx.as_mut(), resource, &id, if_match(&headers)?).await?;
+    tx.commit().await?;
+    let status = if written.created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok(resource_response(status, &written.stored, prefer, &base, true))
+}
+
+/// `DELETE /{type}?query`: delete the one match (none: nothing to do; several: 412).
+pub async fn conditional_delete(
+    State(state): State<AppState>,
+    Path(rt): Path<String>,
+    RawQuery(query): RawQuery,
+) -> ApiResult<Response> {
+    super::require_type(&rt)?;
+    let q = query.unwrap_or_default();
+    let mut tx = state.store.begin().await?;
+    if let Some(id) = interactions::conditional_match(tx.as_mut(), &rt, &q).await? {
+        interactions::delete(tx.as_mut(), &rt, &id, None).await?;
+    }
+    tx.commit().await?;
+    let mut r = Response::new(axum::body::Body::empty());
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    Ok(r)
+}

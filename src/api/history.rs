@@ -1,0 +1,102 @@
+//! `_history` at instance, type and system level.
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::format::{BaseUrl, fhir_json, negotiate};
+use super::responses::{bundle, bundle_entry_json, entry_response};
+use super::search::SearchRequest;
+use crate::error::{ApiError, ApiResult, Issue};
+use crate::fhir::datetime::parse_range;
+use crate::store::HistoryQuery;
+
+fn parse_params(query: Option<&str>) -> ApiResult<(i64, i64, Option<i64>)> {
+    let (mut count, mut offset, mut since) = (50i64, 0i64, None);
+    for (k, v) in SearchRequest::from_query(query.unwrap_or("")).pairs {
+        let bad = |m: String| ApiError::invalid(vec![Issue::error("processing", m, Some(k.clone()))]);
+        match k.as_str() {
+            "_count" => count = v.parse::<i64>().map_err(|_| bad(format!("_count '{v}' is not a number")))?.clamp(1, 1000),
+            "_offset" => offset = v.parse::<i64>().map_err(|_| bad(format!("_offset '{v}' is not a number")))?.max(0),
+            "_since" => since = Some(parse_range(&v).ok_or_else(|| bad(format!("_since '{v}' is not a valid instant")))?.start),
+            "_format" | "_pretty" => {}
+            other => return Err(bad(format!("unknown _history parameter '{other}' (supported: _count, _since)"))),
+        }
+    }
+    Ok((count, offset, since))
+}
+
+async fn history(state: &AppState, base: &BaseUrl, rt: Option<String>, id: Option<String>, query: Option<&str>) -> ApiResult<Response> {
+    let (count, offset, since) = parse_params(query)?;
+    let q = HistoryQuery { resource_type: rt.clone(), id: id.clone(), since, count, offset };
+    let (versions, total) = state.store.history(&q).await?;
+    if let (Some(rt), Some(id), 0) = (&rt, &id, total) {
+        return Err(ApiError::NotFound(format!("{rt}/{id} is not known")));
+    }
+    let mut entries = Vec::with_capacity(versions.len());
+    for v in &versions {
+        let mut e = bundle_entry_json(base, v, None)?;
+        let url = match v.method.as_str() {
+            "POST" => v.resource_type.clone(),
+            _ => format!("{}/{}", v.resource_type, v.id),
+        };
+        e["request"] = json!({"method": v.method, "url": url});
+        let status = match v.method.as_str() {
+            "POST" => "201 Created",
+            "DELETE" => "204 No Content",
+            _ if v.version_id == 1 => "201 Created",
+            _ => "200 OK",
+        };
+        e["response"] = entry_response(status, v, base, false);
+        entries.push(e);
+    }
+    let path = match (&rt, &id) {
+        (Some(rt), Some(id)) => format!("{rt}/{id}/_history"),
+        (Some(rt), None) => format!("{rt}/_history"),
+        _ => "_history".into(),
+    };
+    let link = |o: i64| -> Value { json!(format!("{}/{path}?_count={count}&_offset={o}", base.0)) };
+    let mut links = vec![json!({"relation": "self", "url": link(offset)})];
+    if offset + count < total {
+        links.push(json!({"relation": "next", "url": link(offset + count)}));
+    }
+    if offset > 0 {
+        links.push(json!({"relation": "previous", "url": link((offset - count).max(0))}));
+    }
+    Ok(fhir_json(StatusCode::OK, &bundle("history", Some(total), links, entries)))
+}
+
+pub async fn instance(
+    State(state): State<AppState>,
+    Path((rt, id)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    base: BaseUrl,
+) -> ApiResult<Response> {
+    negotiate(&headers, query.as_deref())?;
+    super::require_type(&rt)?;
+    history(&state, &base, Some(rt), Some(id), query.as_deref()).await
+}
+
+pub async fn type_level(
+    State(state): State<AppState>,
+    Path(rt): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    base: BaseUrl,
+) -> ApiResult<Response> {
+    negotiate(&headers, query.as_deref())?;
+    super::require_type(&rt)?;
+    history(&state, &base, Some(rt), None, query.as_deref()).await
+}
+
+pub async fn system(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    base: BaseUrl,
+) -> ApiResult<Response> {
+    negotiate(&headers, query.as_deref())?;
+    history(&state, &base, None, None, query.as_deref()).await
+}

@@ -1,0 +1,158 @@
+//! The write interactions (create, conditional create, update, delete) inside one database
+//! transaction. Single requests and every Bundle entry go through these functions.
+use serde_json::Value;
+
+use super::search::{SearchRequest, parse_search};
+use crate::error::{ApiError, ApiResult};
+use crate::fhir::Definitions;
+use crate::fhir::datetime::{format_instant, now_micros};
+use crate::fhir::resource::{resource_type, stamp};
+use crate::store::{NewVersion, StoreError, StoreTx, StoredResource};
+
+/// A version the transaction wrote (or, for a conditional create that matched, found).
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub stored: StoredResource,
+    /// 201 (created) rather than 200.
+    pub created: bool,
+}
+
+fn new_version(mut resource: Value, rt: &str, id: &str, version_id: i64, method: &'static str) -> NewVersion {
+    let now = now_micros();
+    stamp(&mut resource, id, version_id, &format_instant(now));
+    let index = Definitions::get().search.extract(&resource);
+    NewVersion {
+        resource_type: rt.to_string(),
+        id: id.to_string(),
+        version_id,
+        last_updated: now,
+        body: Some(serde_json::to_string(&resource).unwrap_or_default()),
+        method,
+        index,
+    }
+}
+
+fn stored_of(v: NewVersion) -> StoredResource {
+    StoredResource {
+        resource_type: v.resource_type,
+        id: v.id,
+        version_id: v.version_id,
+        last_updated: v.last_updated,
+        deleted: v.body.is_none(),
+        body: v.body,
+        method: v.method.to_string(),
+    }
+}
+
+fn conflict(e: StoreError, if_match: bool) -> ApiError {
+    match e {
+        StoreError::VersionConflict { resource_type, id } if if_match => {
+            ApiError::PreconditionFailed(format!("{resource_type}/{id} was changed by another request"))
+        }
+        StoreError::VersionConflict { resource_type, id } => {
+            ApiError::Conflict(format!("{resource_type}/{id} was changed by another request at the same time: retry"))
+        }
+        other if other.is_conflict() => ApiError::Conflict(format!("conflicting concurrent write: {other}")),
+        other => other.into(),
+    }
+}
+
+/// Create a resource with the given (server-assigned) id.
+pub async fn create(tx: &mut dyn StoreTx, resource: Value, id: &str) -> ApiResult<Written> {
+    let rt = resource_type(&resource)?.to_string();
+    let v = new_version(resource, &rt, id, 1, "POST");
+    tx.write(&v).await.map_err(|e| conflict(e, false))?;
+    Ok(Written { stored: stored_of(v), created: true })
+}
+
+/// Resolve the search of a conditional interaction: none, exactly one, or a 412 for several.
+/// The lock makes two identical conditional creates run one after the other, on every backend.
+pub async fn conditional_match(tx: &mut dyn StoreTx, rt: &str, query: &str) -> ApiResult<Option<String>> {
+    let request = SearchRequest::from_query(query);
+    let parsed = parse_search(rt, &request, false)?;
+    if parsed.query.conditions.is_empty() {
+        return Err(ApiError::BadRequest(format!("the conditional search '{query}' has no search criteria")));
+    }
+    tx.lock(&format!("{rt}?{}", request.canonical())).await?;
+    let ids = tx.search_ids(&parsed.query).await?;
+    match ids.len() {
+        0 => Ok(None),
+        1 => Ok(ids.into_iter().next()),
+        _ => Err(ApiError::PreconditionFailed(format!(
+            "the conditional search '{rt}?{query}' matches more than one resource"
+        ))),
+    }
+}
+
+/// Conditional create: the existing match, or a new resource.
+pub async fn create_if_none_exist(tx: &mut dyn StoreTx, resource: Value, id: &str, query: &str) -> ApiResult<Written> {
+    let rt = resource_type(&resource)?.to_string();
+    match conditional_match(tx, &rt, query).await? {
+        Some(existing) => {
+            let stored = tx.current(&rt, &existing).await?.ok_or_else(|| ApiError::NotFound(existing.clone()))?;
+            Ok(Written { stored, created: false })
+        }
+        None => create(tx, resource, id).await,
+    }
+}
+
+/// Update (or create with a client-assigned id). `if_match` is the version the client saw.
+pub async fn update(tx: &mut dyn StoreTx, resource: Value, id: &str, if_match: Option<i64>) -> ApiResult<Written> {
+    let rt = resource_type(&resource)?.to_string();
+    let current = tx.current(&rt, id).await?;
+    if let Some(expected) = if_match {
+        match &current {
+            Some(c) if c.version_id == expected && !c.deleted => {}
+            Some(c) => {
+                return Err(ApiError::PreconditionFailed(format!(
+                    "If-Match W/\"{expected}\" does not match the current version {} of {rt}/{id}",
+                    c.version_id
+                )));
+            }
+            None => return Err(ApiError::PreconditionFailed(format!("{rt}/{id} does not exist (If-Match given)"))),
+        }
+    }
+    let created = current.as_ref().is_none_or(|c| c.deleted);
+    let version = current.map_or(1, |c| c.version_id + 1);
+    let v = new_version(resource, &rt, id, version, "PUT");
+    tx.write(&v).await.map_err(|e| conflict(e, if_match.is_some()))?;
+    Ok(Written { stored: stored_of(v), created })
+}
+
+/// Delete: a tombstone version. Deleting what is absent or already deleted changes nothing.
+pub async fn delete(tx: &mut dyn StoreTx, rt: &str, id: &str, if_match: Option<i64>) -> ApiResult<Option<StoredResource>> {
+    let Some(current) = tx.current(rt, id).await? else {
+        return match if_match {
+            Some(_) => Err(ApiError::PreconditionFailed(format!("{rt}/{id} does not exist (If-Match given)"))),
+            None => Ok(None),
+        };
+    };
+    if current.deleted {
+        return Ok(None);
+    }
+    if let Some(expected) = if_match
+        && expected != current.version_id
+    {
+        return Err(ApiError::PreconditionFailed(format!(
+            "If-Match W/\"{expected}\" does not match the current version {} of {rt}/{id}",
+            current.version_id
+        )));
+    }
+    let v = NewVersion {
+        resource_type: rt.to_string(),
+        id: id.to_string(),
+        version_id: current.version_id + 1,
+        last_updated: now_micros(),
+        body: None,
+        method: "DELETE",
+        index: vec![],
+    };
+    tx.write(&v).await.map_err(|e| conflict(e, if_match.is_some()))?;
+    Ok(Some(stored_of(v)))
+}
+
+/// Parse an `If-Match` value (`W/"3"`, `"3"` or `3`).
+pub fn parse_etag(v: &str) -> ApiResult<i64> {
+    let t = v.trim().trim_start_matches("W/").trim_matches('"');
+    t.parse().map_err(|_| ApiError::BadRequest(format!("If-Match '{v}' is not a version ETag like W/\"3\"")))
+}

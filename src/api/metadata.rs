@@ -1,0 +1,79 @@
+//! `GET /metadata`: a CapabilityStatement generated from what the server really registers.
+use axum::extract::RawQuery;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use serde_json::{Value, json};
+
+use super::format::{BaseUrl, fhir_json, negotiate};
+use crate::error::ApiResult;
+use crate::fhir::{Definitions, SERVED_TYPES};
+
+pub fn capability_statement(base: &str) -> Value {
+    let defs = Definitions::get();
+    let resources: Vec<Value> = SERVED_TYPES
+        .iter()
+        .map(|rt| {
+            let mut params = vec![
+                json!({"name": "_id", "definition": "http://hl7.org/fhir/SearchParameter/Resource-id", "type": "token"}),
+                json!({"name": "_lastUpdated", "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated", "type": "date"}),
+            ];
+            let mut includes = Vec::new();
+            let mut revincludes = Vec::new();
+            for sp in defs.search.for_type(rt) {
+                params.push(json!({"name": sp.code, "definition": sp.url, "type": sp.kind.as_str()}));
+                if sp.kind == crate::fhir::search_params::ParamType::Reference {
+                    includes.push(json!(format!("{rt}:{}", sp.code)));
+                }
+            }
+            for other in SERVED_TYPES {
+                for sp in defs.search.for_type(other) {
+                    if sp.kind == crate::fhir::search_params::ParamType::Reference
+                        && (sp.targets.is_empty() || sp.targets.iter().any(|t| t == rt))
+                    {
+                        revincludes.push(json!(format!("{other}:{}", sp.code)));
+                    }
+                }
+            }
+            let interactions: Vec<Value> =
+                ["read", "vread", "update", "delete", "history-instance", "history-type", "create", "search-type"]
+                    .iter()
+                    .map(|c| json!({"code": c}))
+                    .collect();
+            json!({
+                "type": rt,
+                "profile": format!("http://hl7.org/fhir/StructureDefinition/{rt}"),
+                "interaction": interactions,
+                "versioning": "versioned-update",
+                "readHistory": true,
+                "updateCreate": true,
+                "conditionalCreate": true,
+                "conditionalUpdate": true,
+                "conditionalDelete": "single",
+                "searchInclude": includes,
+                "searchRevInclude": revincludes,
+                "searchParam": params,
+            })
+        })
+        .collect();
+    json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": crate::fhir::datetime::format_instant(crate::fhir::datetime::now_micros()),
+        "publisher": "Sentinella",
+        "kind": "instance",
+        "software": {"name": "Sentinella", "version": env!("CARGO_PKG_VERSION")},
+        "implementation": {"description": "Sentinella FHIR R4 server", "url": base},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "rest": [{
+            "mode": "server",
+            "resource": resources,
+            "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
+        }],
+    })
+}
+
+pub async fn metadata(RawQuery(query): RawQuery, headers: HeaderMap, base: BaseUrl) -> ApiResult<Response> {
+    negotiate(&headers, query.as_deref())?;
+    Ok(fhir_json(StatusCode::OK, &capability_statement(&base.0)))
+}

@@ -1,0 +1,359 @@
+//! Search: parameters parsed strictly into a store query (a typo is a 400, never "everything"),
+//! `_include`/`_revinclude`, paging links and the searchset Bundle.
+use std::collections::HashSet;
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::format::{BaseUrl, Prefer, fhir_json, negotiate};
+use super::responses::bundle_entry_json;
+use crate::error::{ApiError, ApiResult, Issue};
+use crate::fhir::Definitions;
+use crate::fhir::datetime::{Prefix, parse_range};
+use crate::fhir::fhirpath::split_reference;
+use crate::fhir::search_params::{ParamType, normalize};
+use crate::store::query::{Match, SystemMatch};
+use crate::store::{Condition, SearchQuery, Sort};
+
+/// The raw parameters of a search, in order.
+#[derive(Debug, Clone, Default)]
+pub struct SearchRequest {
+    pub pairs: Vec<(String, String)>,
+}
+
+impl SearchRequest {
+    pub fn from_query(q: &str) -> Self {
+        SearchRequest { pairs: form_urlencoded::parse(q.trim_start_matches('?').as_bytes()).into_owned().collect() }
+    }
+
+    /// Order-independent form (lock keys for conditional create).
+    pub fn canonical(&self) -> String {
+        let mut p: Vec<String> = self.pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        p.sort();
+        p.join("&")
+    }
+
+    fn encode(pairs: &[(String, String)]) -> String {
+        form_urlencoded::Serializer::new(String::new()).extend_pairs(pairs).finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Include {
+    pub source_type: String,
+    pub param: String,
+    pub target_type: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ParsedSearch {
+    pub query: SearchQuery,
+    pub includes: Vec<Include>,
+    pub revincludes: Vec<Include>,
+    /// The parameters that define the result set (for paging links).
+    pub criteria: Vec<(String, String)>,
+    pub summary_count: bool,
+    pub warnings: Vec<Issue>,
+}
+
+/// Parameters that control the result rather than select resources.
+const RESULT_PARAMS: &[&str] =
+    &["_count", "_offset", "_sort", "_total", "_summary", "_format", "_pretty", "_include", "_revinclude"];
+
+fn bad(param: &str, msg: String) -> ApiError {
+    ApiError::invalid(vec![Issue::error("processing", msg, Some(param.to_string()))])
+}
+
+/// Split a parameter value on commas that are not escaped (`\,`).
+fn split_or(value: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut chars = value.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if matches!(chars.peek(), Some(',' | '|' | '$' | '\\')) => out.last_mut().unwrap().push(chars.next().unwrap()),
+            ',' => out.push(String::new()),
+            other => out.last_mut().unwrap().push(other),
+        }
+    }
+    out
+}
+
+pub fn parse_search(rt: &str, req: &SearchRequest, lenient: bool) -> ApiResult<ParsedSearch> {
+    let defs = Definitions::get();
+    let mut q = SearchQuery { resource_type: rt.to_string(), count: 50, total: true, ..Default::default() };
+    let mut parsed = ParsedSearch {
+        query: SearchQuery::default(),
+        includes: vec![],
+        revincludes: vec![],
+        criteria: vec![],
+        summary_count: false,
+        warnings: vec![],
+    };
+    for (key, value) in &req.pairs {
+        let (name, modifier) = match key.split_once(':') {
+            Some((n, m)) => (n, Some(m)),
+            None => (key.as_str(), None),
+        };
+        if RESULT_PARAMS.contains(&name) {
+            match name {
+                "_count" => {
+                    let n: i64 = value.parse().map_err(|_| bad(key, format!("_count '{value}' is not a number")))?;
+                    q.count = n.clamp(0, 1000);
+                }
+                "_offset" => {
+                    let n: i64 = value.parse().map_err(|_| bad(key, format!("_offset '{value}' is not a number")))?;
+                    q.offset = n.max(0);
+                }
+                "_sort" => {
+                    q.sort = match value.as_str() {
+                        "_lastUpdated" => Sort::LastUpdatedAsc,
+                        "-_lastUpdated" => Sort::LastUpdatedDesc,
+                        "_id" => Sort::IdAsc,
+                        "-_id" => Sort::IdDesc,
+                        other => return Err(bad(key, format!("_sort={other} is not supported (use _lastUpdated or _id)"))),
+                    };
+                    parsed.criteria.push((key.clone(), value.clone()));
+                }
+                "_summary" if value == "count" => parsed.summary_count = true,
+                "_summary" if value == "false" => {}
+                "_summary" => return Err(bad(key, format!("_summary={value} is not supported (use count)"))),
+                "_total" if matches!(value.as_str(), "accurate" | "estimate" | "none") => {}
+                "_total" => return Err(bad(key, format!("_total={value} is not valid"))),
+                "_include" | "_revinclude" => {
+                    let inc = parse_include(key, value, name == "_revinclude", rt)?;
+                    if name == "_include" { parsed.includes.push(inc) } else { parsed.revincludes.push(inc) }
+                    parsed.criteria.push((key.clone(), value.clone()));
+                }
+                _ => {}
+            }
+            continue;
+        }
+        match parse_condition(rt, name, modifier, value, defs) {
+            Ok(c) => {
+                q.conditions.push(c);
+                parsed.criteria.push((key.clone(), value.clone()));
+            }
+            Err(e) if lenient => parsed.warnings.extend(e.issues().into_iter().map(|mut i| {
+                i.severity = crate::error::Severity::Warning;
+                i.diagnostics = format!("ignored (Prefer: handling=lenient): {}", i.diagnostics);
+                i
+            })),
+            Err(e) => return Err(e),
+        }
+    }
+    parsed.query = q;
+    Ok(parsed)
+}
+
+fn parse_include(key: &str, value: &str, rev: bool, rt: &str) -> ApiResult<Include> {
+    let parts: Vec<&str> = value.split(':').collect();
+    let (source, param, target) = match parts.as_slice() {
+        [s, p] => (*s, *p, None),
+        [s, p, t] => (*s, *p, Some(t.to_string())),
+        _ => return Err(bad(key, format!("{key}={value} must be Type:parameter[:TargetType]"))),
+    };
+    if !rev && source != rt {
+        return Err(bad(key, format!("_include={value}: the source type must be {rt}")));
+    }
+    let sp = Definitions::get()
+        .search
+        .get(source, param)
+        .filter(|sp| sp.kind == ParamType::Reference)
+        .ok_or_else(|| bad(key, format!("{key}={value}: {source} has no reference parameter '{param}'")))?;
+    if rev && !sp.targets.is_empty() && !sp.targets.iter().any(|t| t == rt) {
+        return Err(bad(key, format!("_revinclude={value}: {source}.{param} never points to {rt}")));
+    }
+    Ok(Include { source_type: source.to_string(), param: param.to_string(), target_type: target })
+}
+
+fn parse_condition(
+    rt: &str,
+    name: &str,
+    modifier: Option<&str>,
+    value: &str,
+    defs: &Definitions,
+) -> ApiResult<Condition> {
+    let key = match modifier {
+        Some(m) => format!("{name}:{m}"),
+        None => name.to_string(),
+    };
+    let values = split_or(value);
+    if values.iter().all(String::is_empty) {
+        return Err(bad(&key, format!("{key} has no value")));
+    }
+    match name {
+        "_id" if modifier.is_none() => return Ok(Condition::Id(values)),
+        "_lastUpdated" if modifier.is_none() => {
+            let ranges = values
+                .iter()
+                .map(|v| {
+                    let (p, rest) = Prefix::split(v);
+                    parse_range(rest).map(|r| (p, r)).ok_or_else(|| bad(&key, format!("'{v}' is not a valid date")))
+                })
+                .collect::<ApiResult<_>>()?;
+            return Ok(Condition::LastUpdated(ranges));
+        }
+        _ => {}
+    }
+    let sp = defs.search.get(rt, name).ok_or_else(|| {
+        bad(&key, format!("unknown search parameter '{name}' for {rt} (see GET /metadata for the supported ones)"))
+    })?;
+    if modifier == Some("missing") {
+        let missing = match value {
+            "true" => true,
+            "false" => false,
+            other => return Err(bad(&key, format!("{key}={other}: use true or false"))),
+        };
+        return Ok(Condition::Missing { param: sp.code.clone(), missing });
+    }
+    let mut negate = false;
+    let mut any_of = Vec::new();
+    for v in &values {
+        let m = match (sp.kind, modifier) {
+            (ParamType::Token, None | Some("not")) => {
+                negate = modifier == Some("not");
+                match v.split_once('|') {
+                    Some(("", code)) => Match::Exact { value: code.to_string(), system: SystemMatch::Absent },
+                    Some((sys, "")) => Match::System(sys.to_string()),
+                    Some((sys, code)) => Match::Exact { value: code.to_string(), system: SystemMatch::Is(sys.to_string()) },
+                    None => Match::Exact { value: v.clone(), system: SystemMatch::Any },
+                }
+            }
+            (ParamType::String, None) => Match::StartsWith(normalize(v)),
+            (ParamType::String, Some("exact")) => Match::Exact { value: normalize(v), system: SystemMatch::Any },
+            (ParamType::String, Some("contains")) => Match::Contains(normalize(v)),
+            (ParamType::Uri, None) => Match::Exact { value: v.clone(), system: SystemMatch::Any },
+            (ParamType::Date, None) => {
+                let (p, rest) = Prefix::split(v);
+                let r = parse_range(rest).ok_or_else(|| bad(&key, format!("'{v}' is not a valid date")))?;
+                Match::Date(p, r)
+            }
+            (ParamType::Reference, m) => reference_match(&key, v, m, &sp.targets)?,
+            (kind, Some(m)) => {
+                return Err(bad(&key, format!("modifier :{m} is not supported for {} parameter {name}", kind.as_str())));
+            }
+        };
+        any_of.push(m);
+    }
+    Ok(Condition::Index { param: sp.code.clone(), any_of, negate })
+}
+
+fn reference_match(key: &str, v: &str, modifier: Option<&str>, targets: &[String]) -> ApiResult<Match> {
+    let exact = |t: &str, id: &str| Match::Exact { value: format!("{t}/{id}"), system: SystemMatch::Any };
+    match modifier {
+        None => Ok(match split_reference(v) {
+            Some((t, id)) => exact(t, id),
+            None if targets.len() == 1 => exact(&targets[0], v),
+            None => Match::AnyTypeId(v.to_string()),
+        }),
+        Some(t) if t.starts_with(|c: char| c.is_ascii_uppercase()) && crate::fhir::is_served(t) => Ok(exact(t, v)),
+        Some(m) => Err(bad(key, format!("modifier :{m} is not supported for reference parameters"))),
+    }
+}
+
+/// `GET /{type}` and `POST /{type}/_search`.
+pub async fn search_type(
+    State(state): State<AppState>,
+    Path(rt): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    prefer: Prefer,
+    base: BaseUrl,
+) -> ApiResult<Response> {
+    negotiate(&headers, query.as_deref())?;
+    super::require_type(&rt)?;
+    let req = SearchRequest::from_query(query.as_deref().unwrap_or(""));
+    run_search(&state, &rt, req, prefer, &base).await
+}
+
+pub async fn search_post(
+    State(state): State<AppState>,
+    Path(rt): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    prefer: Prefer,
+    base: BaseUrl,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    negotiate(&headers, query.as_deref())?;
+    super::require_type(&rt)?;
+    let ct = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !ct.starts_with("application/x-www-form-urlencoded") {
+        return Err(ApiError::UnsupportedMediaType("POST _search takes application/x-www-form-urlencoded".into()));
+    }
+    let mut req = SearchRequest::from_query(query.as_deref().unwrap_or(""));
+    req.pairs.extend(SearchRequest::from_query(&String::from_utf8_lossy(&body)).pairs);
+    run_search(&state, &rt, req, prefer, &base).await
+}
+
+async fn run_search(state: &AppState, rt: &str, req: SearchRequest, prefer: Prefer, base: &BaseUrl) -> ApiResult<Response> {
+    let mut parsed = parse_search(rt, &req, prefer.lenient)?;
+    if parsed.summary_count {
+        parsed.query.count = 0;
+    }
+    let store = &state.store;
+    let page = store.search(&parsed.query).await?;
+    let total = page.total.unwrap_or(0);
+    let mut entries: Vec<Value> = Vec::new();
+    let mut seen: HashSet<(String, String)> = HashSet::new();
+    for m in &page.matches {
+        seen.insert((m.resource_type.clone(), m.id.clone()));
+        entries.push(bundle_entry_json(base, m, Some("match"))?);
+    }
+    let ids: Vec<String> = page.matches.iter().map(|m| m.id.clone()).collect();
+    if !ids.is_empty() {
+        for inc in &parsed.includes {
+            let refs = store.references_of(rt, &inc.param, &ids).await?;
+            let wanted: Vec<(String, String)> = refs
+                .iter()
+                .filter_map(|r| r.split_once('/'))
+                .filter(|(t, _)| inc.target_type.as_deref().is_none_or(|want| want == *t))
+                .map(|(t, id)| (t.to_string(), id.to_string()))
+                .filter(|k| !seen.contains(k))
+                .collect();
+            for r in store.read_many(&wanted).await? {
+                if seen.insert((r.resource_type.clone(), r.id.clone())) {
+                    entries.push(bundle_entry_json(base, &r, Some("include"))?);
+                }
+            }
+        }
+        let targets: Vec<String> = ids.iter().map(|id| format!("{rt}/{id}")).collect();
+        for inc in &parsed.revincludes {
+            for r in store.referencing(&inc.source_type, &inc.param, &targets).await? {
+                if seen.insert((r.resource_type.clone(), r.id.clone())) {
+                    entries.push(bundle_entry_json(base, &r, Some("include"))?);
+                }
+            }
+        }
+    }
+    let q = &parsed.query;
+    let link = |offset: i64| {
+        let mut pairs = parsed.criteria.clone();
+        pairs.push(("_count".into(), q.count.to_string()));
+        pairs.push(("_offset".into(), offset.to_string()));
+        format!("{}/{rt}?{}", base.0, SearchRequest::encode(&pairs))
+    };
+    let mut links = vec![json!({"relation": "self", "url": link(q.offset)})];
+    if q.count > 0 {
+        links.push(json!({"relation": "first", "url": link(0)}));
+        if q.offset + q.count < total {
+            links.push(json!({"relation": "next", "url": link(q.offset + q.count)}));
+        }
+        if q.offset > 0 {
+            links.push(json!({"relation": "previous", "url": link((q.offset - q.count).max(0))}));
+        }
+        let last = if total == 0 { 0 } else { ((total - 1) / q.count) * q.count };
+        links.push(json!({"relation": "last", "url": link(last)}));
+    }
+    if !parsed.warnings.is_empty() {
+        entries.push(json!({
+            "resource": crate::error::operation_outcome(&parsed.warnings),
+            "search": {"mode": "outcome"}
+        }));
+    }
+    let bundle = super::responses::bundle("searchset", Some(total), links, entries);
+    Ok(fhir_json(axum::http::StatusCode::OK, &bundle))
+}

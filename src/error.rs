@@ -1,0 +1,165 @@
+//! Every error the server can answer with, and the one place where it becomes an OperationOutcome.
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+/// One OperationOutcome issue: what went wrong and where (a FHIRPath expression).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Issue {
+    pub severity: Severity,
+    /// A code from http://hl7.org/fhir/issue-type (structure, required, value, invariant, code-invalid, …).
+    pub code: &'static str,
+    pub diagnostics: String,
+    pub expression: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Fatal,
+    Error,
+    Warning,
+    Information,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Fatal => "fatal",
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+            Severity::Information => "information",
+        }
+    }
+}
+
+impl Issue {
+    pub fn error(code: &'static str, diagnostics: impl Into<String>, expression: Option<String>) -> Self {
+        Issue { severity: Severity::Error, code, diagnostics: diagnostics.into(), expression }
+    }
+
+    /// The same issue, seen from inside a Bundle entry (`Bundle.entry[i].resource.…`).
+    pub fn within_entry(mut self, index: usize) -> Self {
+        let prefix = format!("Bundle.entry[{index}].resource");
+        self.expression = Some(match self.expression.take() {
+            // expressions start with the resource type ("Observation.status"): swap it for the entry path
+            Some(e) => match e.split_once('.') {
+                Some((_, rest)) => format!("{prefix}.{rest}"),
+                None => prefix,
+            },
+            None => prefix,
+        });
+        self
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("the resource is not valid")]
+    Invalid { status: StatusCode, issues: Vec<Issue> },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Gone(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    PreconditionFailed(String),
+    #[error("the request body is larger than the limit of {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
+    NotAcceptable(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("storage failure: {0}")]
+    Storage(#[from] crate::store::StoreError),
+}
+
+impl ApiError {
+    pub fn invalid(issues: Vec<Issue>) -> Self {
+        ApiError::Invalid { status: StatusCode::BAD_REQUEST, issues }
+    }
+
+    pub fn unprocessable(issues: Vec<Issue>) -> Self {
+        ApiError::Invalid { status: StatusCode::UNPROCESSABLE_ENTITY, issues }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Invalid { status, .. } => *status,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Gone(_) => StatusCode::GONE,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Storage(e) if e.is_conflict() => StatusCode::CONFLICT,
+            ApiError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn issues(&self) -> Vec<Issue> {
+        let code = match self {
+            ApiError::Invalid { issues, .. } => return issues.clone(),
+            ApiError::BadRequest(_) => "invalid",
+            ApiError::NotFound(_) | ApiError::Gone(_) => "not-found",
+            ApiError::Conflict(_) | ApiError::PreconditionFailed(_) => "conflict",
+            ApiError::PayloadTooLarge(_) => "too-costly",
+            ApiError::UnsupportedMediaType(_) | ApiError::NotAcceptable(_) | ApiError::MethodNotAllowed(_) => {
+                "not-supported"
+            }
+            ApiError::Storage(e) if e.is_conflict() => "conflict",
+            ApiError::Storage(_) => "exception",
+        };
+        vec![Issue::error(code, self.to_string(), None)]
+    }
+
+    /// The same error, seen from inside a Bundle entry.
+    pub fn within_entry(self, index: usize) -> Self {
+        match self {
+            ApiError::Invalid { status, issues } => ApiError::Invalid {
+                status,
+                issues: issues.into_iter().map(|i| i.within_entry(index)).collect(),
+            },
+            other => other,
+        }
+    }
+
+    pub fn outcome(&self) -> Value {
+        operation_outcome(&self.issues())
+    }
+}
+
+pub fn operation_outcome(issues: &[Issue]) -> Value {
+    let issues: Vec<Value> = issues
+        .iter()
+        .map(|i| {
+            let mut v = json!({"severity": i.severity.as_str(), "code": i.code, "diagnostics": i.diagnostics});
+            if let Some(e) = &i.expression {
+                v["expression"] = json!([e]);
+            }
+            v
+        })
+        .collect();
+    json!({"resourceType": "OperationOutcome", "issue": issues})
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        } else {
+            tracing::info!(status = status.as_u16(), error = %self, "request rejected");
+        }
+        crate::api::format::fhir_json(status, &self.outcome()).into_response()
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

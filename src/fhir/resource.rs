@@ -1,0 +1,154 @@
+//! Reading a resource off the wire, validating it, and stamping the server-owned metadata.
+use serde_json::{Map, Value};
+
+use super::Definitions;
+use super::schema::SchemaValidators;
+use crate::error::{ApiError, Issue};
+
+/// Parse a JSON body: malformed JSON, invalid UTF-8 and nesting beyond serde_json's recursion limit
+/// (128) are all a 400 with the position.
+pub fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::BadRequest("the request body is empty".into()));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid(vec![Issue::error(
+            "structure",
+            format!("the body is not valid JSON: {e} (line {}, column {})", e.line(), e.column()),
+            None,
+        )])
+    })
+}
+
+/// The resource type of a parsed body, or a 400 naming what is missing.
+pub fn resource_type(resource: &Value) -> Result<&str, ApiError> {
+    match resource.get("resourceType") {
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(ApiError::invalid(vec![Issue::error(
+            "structure",
+            "resourceType must be a string",
+            Some("resourceType".into()),
+        )])),
+        None if resource.is_object() => Err(ApiError::invalid(vec![Issue::error(
+            "required",
+            "resourceType is missing: the body is not a FHIR resource",
+            Some("resourceType".into()),
+        )])),
+        None => Err(ApiError::invalid(vec![Issue::error("structure", "the body must be a JSON object", None)])),
+    }
+}
+
+/// Structural validation of one resource: the R4 JSON schema, then the StructureDefinition checks.
+/// Schema errors are a 400; the stricter StructureDefinition rules (cardinality, bindings) too, since
+/// they are base-specification rules, not profile rules.
+pub fn validate(resource: &Value) -> Result<(), ApiError> {
+    let rt = resource_type(resource)?;
+    if !super::is_served(rt) {
+        return Err(ApiError::NotFound(format!("resource type {rt} is not supported by this server")));
+    }
+    let mut issues = SchemaValidators::get().validate(resource);
+    if issues.is_empty() {
+        let defs = Definitions::get();
+        issues = defs.structures.validate(resource, &defs.valuesets);
+    }
+    if issues.is_empty() { Ok(()) } else { Err(ApiError::invalid(issues)) }
+}
+
+/// Set `id`, `meta.versionId` and `meta.lastUpdated`, keeping the sender's key order otherwise
+/// (resourceType, id and meta first, as FHIR examples show them).
+pub fn stamp(resource: &mut Value, id: &str, version_id: i64, last_updated: &str) {
+    let Some(obj) = resource.as_object_mut() else { return };
+    let mut meta = match obj.shift_remove("meta") {
+        Some(Value::Object(m)) => m,
+        _ => Map::new(),
+    };
+    meta.shift_remove("versionId");
+    meta.shift_remove("lastUpdated");
+    let mut new_meta = Map::new();
+    new_meta.insert("versionId".into(), Value::String(version_id.to_string()));
+    new_meta.insert("lastUpdated".into(), Value::String(last_updated.to_string()));
+    new_meta.extend(meta);
+    let rt = obj.shift_remove("resourceType");
+    obj.shift_remove("id");
+    let rest = std::mem::take(obj);
+    if let Some(rt) = rt {
+        obj.insert("resourceType".into(), rt);
+    }
+    obj.insert("id".into(), Value::String(id.to_string()));
+    obj.insert("meta".into(), Value::Object(new_meta));
+    obj.extend(rest);
+}
+
+/// Whether a logical id is a valid FHIR id (`[A-Za-z0-9\-\.]{1,64}`).
+pub fn is_valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// Visit every `Reference.reference` string in a resource, with its FHIRPath.
+pub fn for_each_reference(value: &mut Value, path: &str, f: &mut dyn FnMut(&mut String, &str)) {
+    match value {
+        Value::Object(obj) => {
+            for (k, v) in obj.iter_mut() {
+                let child = format!("{path}.{k}");
+                if k == "reference"
+                    && let Value::String(s) = v
+                {
+                    f(s, &child);
+                } else {
+                    for_each_reference(v, &child, f);
+                }
+            }
+        }
+        Value::Array(items) => {
+            for (i, v) in items.iter_mut().enumerate() {
+                for_each_reference(v, &format!("{path}[{i}]"), f);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn stamp_keeps_decimal_precision_and_key_order() {
+        let mut r: Value = serde_json::from_str(
+            r#"{"resourceType":"Observation","status":"final","valueQuantity":{"value":6.30,"unit":"mg/L"},"meta":{"profile":["x"]}}"#,
+        )
+        .unwrap();
+        stamp(&mut r, "abc", 2, "2026-01-01T00:00:00Z");
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            text,
+            r#"{"resourceType":"Observation","id":"abc","meta":{"versionId":"2","lastUpdated":"2026-01-01T00:00:00Z","profile":["x"]},"status":"final","valueQuantity":{"value":6.30,"unit":"mg/L"}}"#
+        );
+    }
+
+    #[test]
+    fn missing_status_and_two_values_are_reported_with_paths() {
+        let obs = json!({"resourceType": "Observation", "code": {"text": "x"}, "valueString": "a", "valueBoolean": true});
+        let Err(ApiError::Invalid { issues, .. }) = validate(&obs) else { panic!("must be invalid") };
+        let exprs: Vec<_> = issues.iter().filter_map(|i| i.expression.clone()).collect();
+        assert!(exprs.contains(&"Observation.status".to_string()), "{issues:?}");
+        assert!(exprs.contains(&"Observation.value".to_string()), "{issues:?}");
+    }
+
+    #[test]
+    fn bad_code_for_required_binding_and_unknown_element() {
+        let obs = json!({"resourceType": "Observation", "status": "banana", "code": {"text": "x"}});
+        let Err(ApiError::Invalid { issues, .. }) = validate(&obs) else { panic!("must be invalid") };
+        assert!(issues.iter().any(|i| i.expression.as_deref() == Some("Observation.status")), "{issues:?}");
+        let obs = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "colour": "red"});
+        assert!(validate(&obs).is_err());
+    }
+
+    #[test]
+    fn empty_objects_are_rejected() {
+        let obs = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {}});
+        let Err(ApiError::Invalid { issues, .. }) = validate(&obs) else { panic!("must be invalid") };
+        assert!(issues.iter().any(|i| i.expression.as_deref() == Some("Observation.subject")), "{issues:?}");
+    }
+}

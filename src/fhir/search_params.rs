@@ -1,0 +1,260 @@
+//! The search parameters Sentinella offers, read from the packaged R4 SearchParameters, and the
+//! extraction of index entries from a resource on every write.
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde_json::Value;
+
+use super::datetime::{self, Range};
+use super::fhirpath::{self, PathExpr};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamType {
+    Token,
+    Reference,
+    Date,
+    String,
+    Uri,
+}
+
+impl ParamType {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "token" => ParamType::Token,
+            "reference" => ParamType::Reference,
+            "date" => ParamType::Date,
+            "string" => ParamType::String,
+            "uri" => ParamType::Uri,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ParamType::Token => "token",
+            ParamType::Reference => "reference",
+            ParamType::Date => "date",
+            ParamType::String => "string",
+            ParamType::Uri => "uri",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SearchParam {
+    pub code: String,
+    pub url: String,
+    pub kind: ParamType,
+    pub expression: String,
+    /// Resource types a reference parameter may point to.
+    pub targets: Vec<String>,
+    paths: Vec<PathExpr>,
+}
+
+/// One index entry: what a search can match on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum IndexValue {
+    /// Token (system, code), string (normalised), uri, or reference (`Type/id`) in `value`.
+    Text { system: Option<String>, value: String },
+    Date(Range),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexEntry {
+    pub param: String,
+    pub value: IndexValue,
+}
+
+pub struct SearchParamRegistry {
+    /// resource type → code → parameter (BTreeMap: CapabilityStatement lists them in a stable order)
+    by_type: HashMap<String, BTreeMap<String, SearchParam>>,
+    type_suffixes: HashSet<String>,
+}
+
+/// `_profile` is a Resource-level parameter; it is indexed for every type.
+pub const PROFILE_PARAM: &str = "_profile";
+
+impl SearchParamRegistry {
+    pub fn from_resources(resources: &[Value]) -> Self {
+        let mut by_type: HashMap<String, BTreeMap<String, SearchParam>> = HashMap::new();
+        for sp in resources.iter().filter(|r| r["resourceType"] == "SearchParameter") {
+            let (Some(code), Some(kind), Some(expr)) =
+                (sp["code"].as_str(), ParamType::parse(sp["type"].as_str().unwrap_or("")), sp["expression"].as_str())
+            else {
+                continue;
+            };
+            for base in sp["base"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+                if !super::is_served(base) {
+                    continue;
+                }
+                match fhirpath::parse_for_type(expr, base) {
+                    Ok(paths) if !paths.is_empty() => {
+                        let targets = sp["target"]
+                            .as_array()
+                            .map(|t| t.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+                            .unwrap_or_default();
+                        let param = SearchParam {
+                            code: code.to_string(),
+                            url: sp["url"].as_str().unwrap_or_default().to_string(),
+                            kind,
+                            expression: expr.to_string(),
+                            targets,
+                            paths,
+                        };
+                        by_type.entry(base.to_string()).or_default().insert(code.to_string(), param);
+                    }
+                    Ok(_) => {}
+                    Err(part) => tracing::debug!(code, base, part, "search parameter outside the supported FHIRPath subset"),
+                }
+            }
+        }
+        for rt in super::SERVED_TYPES {
+            let paths = fhirpath::parse_for_type(&format!("{rt}.meta.profile"), rt).unwrap_or_default();
+            let profile = SearchParam {
+                code: PROFILE_PARAM.into(),
+                url: "http://hl7.org/fhir/SearchParameter/Resource-profile".into(),
+                kind: ParamType::Uri,
+                expression: "Resource.meta.profile".into(),
+                targets: vec![],
+                paths,
+            };
+            by_type.entry(rt.to_string()).or_default().insert(PROFILE_PARAM.into(), profile);
+        }
+        let type_suffixes = TYPE_NAMES.iter().map(|s| s.to_string()).collect();
+        SearchParamRegistry { by_type, type_suffixes }
+    }
+
+    pub fn get(&self, resource_type: &str, code: &str) -> Option<&SearchParam> {
+        self.by_type.get(resource_type)?.get(code)
+    }
+
+    pub fn for_type(&self, resource_type: &str) -> impl Iterator<Item = &SearchParam> {
+        self.by_type.get(resource_type).into_iter().flat_map(|m| m.values())
+    }
+
+    /// Every index entry of a resource, over all parameters of its type.
+    pub fn extract(&self, resource: &Value) -> Vec<IndexEntry> {
+        let Some(rt) = resource["resourceType"].as_str() else { return vec![] };
+        let mut out = Vec::new();
+        for param in self.for_type(rt) {
+            for path in &param.paths {
+                for node in path.evaluate(resource, &self.type_suffixes) {
+                    for value in index_values(param.kind, node) {
+                        let entry = IndexEntry { param: param.code.clone(), value };
+                        if !out.contains(&entry) {
+                            out.push(entry);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The capitalised names of R4 data types that can end a choice key (`valueQuantity`).
+const TYPE_NAMES: &[&str] = &[
+    "Base64Binary", "Boolean", "Canonical", "Code", "Date", "DateTime", "Decimal", "Id", "Instant", "Integer",
+    "Markdown", "Oid", "PositiveInt", "String", "Time", "UnsignedInt", "Uri", "Url", "Uuid", "Address", "Age",
+    "Annotation", "Attachment", "CodeableConcept", "Coding", "ContactPoint", "Count", "Distance", "Duration",
+    "HumanName", "Identifier", "Money", "Period", "Quantity", "Range", "Ratio", "Reference", "SampledData",
+    "Signature", "Timing", "ContactDetail", "Contributor", "DataRequirement", "Expression", "ParameterDefinition",
+    "RelatedArtifact", "TriggerDefinition", "UsageContext", "Dosage", "Meta",
+];
+
+fn text(system: Option<&str>, value: &str) -> IndexValue {
+    IndexValue::Text { system: system.map(String::from), value: value.to_string() }
+}
+
+fn index_values(kind: ParamType, node: &Value) -> Vec<IndexValue> {
+    match kind {
+        ParamType::Token => token_values(node),
+        ParamType::Reference => node
+            .get("reference")
+            .and_then(Value::as_str)
+            .and_then(fhirpath::split_reference)
+            .map(|(t, id)| vec![text(None, &format!("{t}/{id}"))])
+            .unwrap_or_default(),
+        ParamType::Date => datetime::value_range(node).map(IndexValue::Date).into_iter().collect(),
+        ParamType::String => string_values(node).into_iter().map(|s| text(None, &normalize(&s))).collect(),
+        ParamType::Uri => node.as_str().map(|s| vec![text(None, s)]).unwrap_or_default(),
+    }
+}
+
+fn token_values(node: &Value) -> Vec<IndexValue> {
+    match node {
+        Value::String(s) => vec![text(None, s)],
+        Value::Bool(b) => vec![text(None, if *b { "true" } else { "false" })],
+        Value::Object(o) => {
+            if let Some(codings) = o.get("coding").and_then(Value::as_array) {
+                return codings.iter().flat_map(token_values).collect();
+            }
+            let code = o.get("code").or_else(|| o.get("value")).and_then(Value::as_str);
+            code.map(|c| vec![text(o.get("system").and_then(Value::as_str), c)]).unwrap_or_default()
+        }
+        _ => vec![],
+    }
+}
+
+fn string_values(node: &Value) -> Vec<String> {
+    match node {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(a) => a.iter().flat_map(string_values).collect(),
+        Value::Object(o) => {
+            const PARTS: &[&str] =
+                &["text", "family", "given", "prefix", "suffix", "line", "city", "district", "state", "postalCode", "country"];
+            PARTS.iter().filter_map(|k| o.get(*k)).flat_map(string_values).collect()
+        }
+        _ => vec![],
+    }
+}
+
+/// String search is case- and accent-insensitive (R4): lower case, common Latin accents removed.
+pub fn normalize(s: &str) -> String {
+    s.chars()
+        .flat_map(char::to_lowercase)
+        .map(|c| match c {
+            'à' | 'á' | 'â' | 'ä' | 'ã' | 'å' => 'a',
+            'è' | 'é' | 'ê' | 'ë' => 'e',
+            'ì' | 'í' | 'î' | 'ï' => 'i',
+            'ò' | 'ó' | 'ô' | 'ö' | 'õ' => 'o',
+            'ù' | 'ú' | 'û' | 'ü' => 'u',
+            'ç' => 'c',
+            'ñ' => 'n',
+            other => other,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fhir::Definitions;
+    use serde_json::json;
+
+    #[test]
+    fn observation_index_covers_the_rules_lookups() {
+        let obs = json!({
+            "resourceType": "Observation", "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "600-7"}]},
+            "subject": {"reference": "Patient/p1"}, "specimen": {"reference": "Specimen/s1"},
+            "effectiveDateTime": "2024-03-01T10:00:00+01:00",
+            "hasMember": [{"reference": "Observation/o2"}]
+        });
+        let entries = Definitions::get().search.extract(&obs);
+        let has = |p: &str, v: &str| {
+            entries.iter().any(|e| e.param == p && matches!(&e.value, IndexValue::Text { value, .. } if value == v))
+        };
+        assert!(has("code", "600-7"));
+        assert!(has("patient", "Patient/p1"));
+        assert!(has("subject", "Patient/p1"));
+        assert!(has("specimen", "Specimen/s1"));
+        assert!(has("has-member", "Observation/o2"));
+        assert!(has("status", "final"));
+        assert!(entries.iter().any(|e| e.param == "date" && matches!(e.value, IndexValue::Date(_))));
+    }
+
+    #[test]
+    fn strings_are_case_and_accent_insensitive() {
+        assert_eq!(normalize("Niccolò ÉLIA"), "niccolo elia");
+    }
+}

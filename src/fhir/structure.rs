@@ -1,0 +1,244 @@
+//! Checks driven by StructureDefinitions: what the R4 JSON schema cannot say. Required elements
+//! (min ≥ 1), at most one `value[x]`, no empty objects or arrays (ele-1), codes of required bindings.
+//! The same walker runs on the base R4 definitions and on our own profiles, so a profile is data.
+//!
+//! Hand-written because no maintained Rust crate validates against StructureDefinitions for R4
+//! (see shared/DEPENDENCIES.md).
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
+
+use super::valuesets::ValueSets;
+use crate::error::Issue;
+
+#[derive(Debug, Clone)]
+pub struct ElementDef {
+    /// Full element path as in the snapshot (`Observation.value[x]`).
+    pub path: String,
+    /// Last path segment without `[x]` (`value`).
+    pub name: String,
+    pub choice: bool,
+    pub min: u32,
+    pub types: Vec<String>,
+    pub binding: Option<String>,
+    /// Path of the element whose children this one reuses (`#Observation.referenceRange`).
+    pub content_reference: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct StructureDefinition {
+    pub url: String,
+    pub type_name: String,
+    pub kind: String,
+    /// Children by parent path.
+    children: HashMap<String, Vec<ElementDef>>,
+}
+
+impl StructureDefinition {
+    pub fn from_resource(sd: &Value) -> Option<Self> {
+        let mut children: HashMap<String, Vec<ElementDef>> = HashMap::new();
+        for el in sd["snapshot"]["element"].as_array()? {
+            let path = el["path"].as_str()?;
+            let Some((parent, last)) = path.rsplit_once('.') else { continue };
+            let choice = last.ends_with("[x]");
+            let name = last.trim_end_matches("[x]").to_string();
+            let types = el["type"]
+                .as_array()
+                .map(|ts| ts.iter().filter_map(|t| t["code"].as_str().map(String::from)).collect())
+                .unwrap_or_default();
+            let binding = (el["binding"]["strength"] == "required")
+                .then(|| el["binding"]["valueSet"].as_str().map(String::from))
+                .flatten();
+            let content_reference = el["contentReference"].as_str().map(|r| r.trim_start_matches('#').to_string());
+            children.entry(parent.to_string()).or_default().push(ElementDef {
+                path: path.to_string(),
+                name,
+                choice,
+                min: el["min"].as_u64().unwrap_or(0) as u32,
+                types,
+                binding,
+                content_reference,
+            });
+        }
+        Some(StructureDefinition {
+            url: sd["url"].as_str()?.to_string(),
+            type_name: sd["type"].as_str()?.to_string(),
+            kind: sd["kind"].as_str().unwrap_or_default().to_string(),
+            children,
+        })
+    }
+
+    pub fn children(&self, path: &str) -> &[ElementDef] {
+        self.children.get(path).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
+pub struct StructureDefinitions {
+    by_type: HashMap<String, StructureDefinition>,
+}
+
+impl StructureDefinitions {
+    pub fn from_resources(resources: &[Value]) -> Self {
+        let by_type = resources
+            .iter()
+            .filter(|r| r["resourceType"] == "StructureDefinition" && r["derivation"] != "constraint")
+            .filter_map(StructureDefinition::from_resource)
+            .map(|sd| (sd.type_name.clone(), sd))
+            .collect();
+        StructureDefinitions { by_type }
+    }
+
+    pub fn get(&self, type_name: &str) -> Option<&StructureDefinition> {
+        self.by_type.get(type_name)
+    }
+
+    /// Validate a resource against the base definition of its type.
+    pub fn validate(&self, resource: &Value, valuesets: &ValueSets) -> Vec<Issue> {
+        let mut issues = Vec::new();
+        let Some(rt) = resource["resourceType"].as_str() else { return issues };
+        let (Some(sd), Some(obj)) = (self.get(rt), resource.as_object()) else { return issues };
+        Walker { defs: self, valuesets, issues: &mut issues }.walk(sd, rt, obj, rt);
+        issues
+    }
+}
+
+struct Walker<'a> {
+    defs: &'a StructureDefinitions,
+    valuesets: &'a ValueSets,
+    issues: &'a mut Vec<Issue>,
+}
+
+fn is_primitive(type_code: &str) -> bool {
+    type_code.starts_with(|c: char| c.is_ascii_lowercase()) || type_code.starts_with("http://hl7.org/fhirpath/")
+}
+
+fn upper_first(s: &str) -> String {
+    let mut c = s.chars();
+    c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
+}
+
+impl Walker<'_> {
+    fn walk(&mut self, sd: &StructureDefinition, sd_path: &str, obj: &Map<String, Value>, expr: &str) {
+        for el in sd.children(sd_path) {
+            // the JSON keys this element may appear under, with the type each implies
+            let keys: Vec<(String, &str)> = if el.choice {
+                el.types.iter().map(|t| (format!("{}{}", el.name, upper_first(t)), t.as_str())).collect()
+            } else {
+                vec![(el.name.clone(), el.types.first().map(String::as_str).unwrap_or("BackboneElement"))]
+            };
+            let present: Vec<&(String, &str)> = keys
+                .iter()
+                .filter(|(k, _)| obj.contains_key(k) || obj.contains_key(&format!("_{k}")))
+                .collect();
+            let el_expr = format!("{expr}.{}", el.name);
+            if present.is_empty() && el.min >= 1 {
+                self.issues.push(Issue::error(
+                    "required",
+                    format!("{} is required (minimum cardinality {})", el.path, el.min),
+                    Some(el_expr.clone()),
+                ));
+            }
+            if el.choice && present.len() > 1 {
+                let names: Vec<&str> = present.iter().map(|(k, _)| k.as_str()).collect();
+                self.issues.push(Issue::error(
+                    "structure",
+                    format!("only one of {} may be present, found {}", el.path, names.join(", ")),
+                    Some(el_expr.clone()),
+                ));
+            }
+            for (key, type_code) in present {
+                let Some(value) = obj.get(key) else { continue };
+                let key_expr = format!("{expr}.{key}");
+                match value {
+                    Value::Array(items) if items.is_empty() => self.empty(&key_expr),
+                    Value::Array(items) => {
+                        for (i, item) in items.iter().enumerate() {
+                            self.item(sd, el, type_code, item, &format!("{key_expr}[{i}]"));
+                        }
+                    }
+                    item => self.item(sd, el, type_code, item, &key_expr),
+                }
+            }
+        }
+    }
+
+    fn empty(&mut self, expr: &str) {
+        self.issues.push(Issue::error(
+            "invariant",
+            "ele-1: an element must have a value or children; empty objects and arrays are not allowed",
+            Some(expr.to_string()),
+        ));
+    }
+
+    fn item(&mut self, sd: &StructureDefinition, el: &ElementDef, type_code: &str, item: &Value, expr: &str) {
+        if is_primitive(type_code) {
+            if let (Some(vs), Some(code), "code") = (&el.binding, item.as_str(), type_code)
+                && self.valuesets.contains(vs, None, code) == Some(false)
+            {
+                self.issues.push(Issue::error(
+                    "code-invalid",
+                    format!("'{code}' is not a valid code for {} (required binding to {vs})", el.path),
+                    Some(expr.to_string()),
+                ));
+            }
+            return;
+        }
+        let Some(obj) = item.as_object() else { return }; // wrong JSON type: the schema reports it
+        if obj.is_empty() {
+            return self.empty(expr);
+        }
+        if let Some(vs) = &el.binding {
+            self.check_coded(vs, type_code, obj, el, expr);
+        }
+        if let Some(target) = &el.content_reference {
+            return self.walk(sd, target, obj, expr);
+        }
+        match type_code {
+            "BackboneElement" | "Element" => self.walk(sd, &el.path, obj, expr),
+            "Resource" => {
+                // contained resources are checked against their own type; Bundle entries are
+                // validated one by one by the Bundle processor
+                if el.path.ends_with(".contained")
+                    && let Some(rt) = obj.get("resourceType").and_then(Value::as_str)
+                    && let Some(inner) = self.defs.get(rt)
+                {
+                    self.walk(inner, rt, obj, expr);
+                }
+            }
+            other => {
+                if let Some(type_sd) = self.defs.get(other) {
+                    self.walk(type_sd, other, obj, expr);
+                }
+            }
+        }
+    }
+
+    fn check_coded(&mut self, vs: &str, type_code: &str, obj: &Map<String, Value>, el: &ElementDef, expr: &str) {
+        let coded: Vec<(Option<&str>, &str)> = match type_code {
+            "Coding" => obj
+                .get("code")
+                .and_then(Value::as_str)
+                .map(|c| vec![(obj.get("system").and_then(Value::as_str), c)])
+                .unwrap_or_default(),
+            "CodeableConcept" => obj
+                .get("coding")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(|c| Some((c["system"].as_str(), c["code"].as_str()?))).collect())
+                .unwrap_or_default(),
+            _ => return,
+        };
+        if coded.is_empty() {
+            return;
+        }
+        let known: Vec<Option<bool>> = coded.iter().map(|(s, c)| self.valuesets.contains(vs, *s, c)).collect();
+        if known.iter().any(|k| k.is_none() || *k == Some(true)) {
+            return;
+        }
+        let shown: Vec<String> = coded.iter().map(|(s, c)| format!("{}|{c}", s.unwrap_or(""))).collect();
+        self.issues.push(Issue::error(
+            "code-invalid",
+            format!("{} is not in the value set {vs} required for {}", shown.join(", "), el.path),
+            Some(expr.to_string()),
+        ));
+    }
+}

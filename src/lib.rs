@@ -1,0 +1,10 @@
+//! Sentinella: an HL7 FHIR R4 server for Italian infectious-disease notification and CRE surveillance.
+//!
+//! The modules read as the pipeline: `api` (HTTP) → `fhir` (parsing, validation, search extraction)
+//! → `store` (versioned storage on SQLite or PostgreSQL).
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod fhir;
+pub mod server;
+pub mod store;

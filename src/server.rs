@@ -1,0 +1,61 @@
+//! Starting and stopping the server: database, warm-up, listener, graceful shutdown.
+use std::sync::Arc;
+
+use axum::Router;
+use tokio::net::TcpListener;
+
+use crate::api::{AppState, router};
+use crate::config::Config;
+use crate::fhir::Definitions;
+use crate::fhir::schema::SchemaValidators;
+use crate::store::{self, StoreResult};
+
+/// Open the database (running migrations) and build the application router.
+pub async fn build_app(config: Config) -> StoreResult<Router> {
+    let store = store::connect(&config.database).await?;
+    // parse definitions and compile every schema validator before the first request
+    tokio::task::spawn_blocking(|| {
+        Definitions::get();
+        SchemaValidators::get().warm_up();
+    })
+    .await
+    .expect("warm-up does not panic");
+    Ok(router(AppState { store, config: Arc::new(config) }))
+}
+
+/// Serve until SIGINT or SIGTERM; in-flight requests finish before the process exits.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.listen).await?;
+    let database = redact(&config.database);
+    let app = build_app(config).await?;
+    tracing::info!(address = %listener.local_addr()?, %database, "Sentinella FHIR server listening on /fhir");
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    tracing::info!("shut down cleanly");
+    Ok(())
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***{}", &url[..s], &url[at..]),
+        _ => url.to_string(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown requested: finishing in-flight requests");
+}

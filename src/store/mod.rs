@@ -1,0 +1,112 @@
+//! Versioned resource storage: one trait, a SQLite and a PostgreSQL implementation sharing their SQL
+//! (`sql.rs`), search queries compiled to SQL in `query.rs`.
+pub mod query;
+mod sql;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+pub use query::{Condition, SearchQuery, Sort};
+pub use sql::connect;
+
+use crate::fhir::search_params::IndexEntry;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The resource changed (or was created) concurrently: the caller's view is stale.
+    #[error("{resource_type}/{id} was changed concurrently")]
+    VersionConflict { resource_type: String, id: String },
+    #[error("unsupported database URL '{0}': use sqlite://PATH or postgres://…")]
+    BadUrl(String),
+}
+
+impl StoreError {
+    pub fn is_conflict(&self) -> bool {
+        match self {
+            StoreError::VersionConflict { .. } => true,
+            StoreError::Database(sqlx::Error::Database(e)) => e.is_unique_violation(),
+            _ => false,
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// One stored version of a resource.
+#[derive(Debug, Clone)]
+pub struct StoredResource {
+    pub resource_type: String,
+    pub id: String,
+    pub version_id: i64,
+    /// µs since the epoch
+    pub last_updated: i64,
+    pub deleted: bool,
+    /// The JSON text; `None` for a deletion.
+    pub body: Option<String>,
+    /// POST, PUT or DELETE (history entries).
+    pub method: String,
+}
+
+/// A new version to write.
+#[derive(Debug, Clone)]
+pub struct NewVersion {
+    pub resource_type: String,
+    pub id: String,
+    pub version_id: i64,
+    pub last_updated: i64,
+    pub body: Option<String>,
+    pub method: &'static str,
+    pub index: Vec<IndexEntry>,
+}
+
+/// A page of search results.
+#[derive(Debug, Default)]
+pub struct SearchPage {
+    pub matches: Vec<StoredResource>,
+    pub total: Option<i64>,
+}
+
+/// What a history request asks for.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryQuery {
+    pub resource_type: Option<String>,
+    pub id: Option<String>,
+    pub since: Option<i64>,
+    pub count: i64,
+    pub offset: i64,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync {
+    fn backend(&self) -> &'static str;
+    async fn begin(&self) -> StoreResult<Box<dyn StoreTx>>;
+    async fn read(&self, resource_type: &str, id: &str) -> StoreResult<Option<StoredResource>>;
+    async fn read_version(&self, resource_type: &str, id: &str, version: i64) -> StoreResult<Option<StoredResource>>;
+    async fn history(&self, q: &HistoryQuery) -> StoreResult<(Vec<StoredResource>, i64)>;
+    async fn search(&self, q: &SearchQuery) -> StoreResult<SearchPage>;
+    /// Current versions of the given `(type, id)` references (for `_include`).
+    async fn read_many(&self, refs: &[(String, String)]) -> StoreResult<Vec<StoredResource>>;
+    /// Values of one reference parameter of the given resources (for `_include`).
+    async fn references_of(&self, resource_type: &str, param: &str, ids: &[String]) -> StoreResult<Vec<String>>;
+    /// Resources of `source_type` whose `param` points at one of `targets` (`Type/id`) (for `_revinclude`).
+    async fn referencing(&self, source_type: &str, param: &str, targets: &[String]) -> StoreResult<Vec<StoredResource>>;
+}
+
+/// A database transaction: everything written through it commits together or not at all.
+#[async_trait]
+pub trait StoreTx: Send {
+    async fn current(&mut self, resource_type: &str, id: &str) -> StoreResult<Option<StoredResource>>;
+    /// Serialise writers that use the same key until this transaction ends (conditional create).
+    async fn lock(&mut self, key: &str) -> StoreResult<()>;
+    async fn search_ids(&mut self, q: &SearchQuery) -> StoreResult<Vec<String>>;
+    /// Write a new version; `version_id - 1` must still be the current one (1 = must not exist).
+    async fn write(&mut self, v: &NewVersion) -> StoreResult<()>;
+    async fn commit(self: Box<Self>) -> StoreResult<()>;
+}
+
+pub type SharedStore = Arc<dyn Store>;

@@ -1,0 +1,397 @@
+//! The two SQL backends. The SQL is identical on SQLite and PostgreSQL (see the migrations), so one
+//! body, instantiated by `sql_backend!` for each driver, implements `Store` and `StoreTx` for both:
+//! sqlx's `Any` driver cannot carry our types (shared/DEPENDENCIES.md) and generic code over
+//! `sqlx::Database` needs a bound per type per lifetime.
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::{AssertSqlSafe, Row};
+
+use super::query::{Bind, COLUMNS, SearchQuery, Sql};
+use super::{HistoryQuery, NewVersion, SearchPage, SharedStore, Store, StoreError, StoreResult, StoreTx, StoredResource};
+use crate::fhir::search_params::IndexValue;
+
+/// Open the database named by a URL (`sqlite://PATH`, `postgres://…`) and run its migrations.
+pub async fn connect(url: &str) -> StoreResult<SharedStore> {
+    if url.starts_with("sqlite:") {
+        sqlite::open(url).await
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        postgres::open(url).await
+    } else {
+        Err(StoreError::BadUrl(url.to_string()))
+    }
+}
+
+/// Rows per multi-row INSERT into search_index (7 binds each; well under both drivers' limits).
+const INDEX_BATCH: usize = 400;
+
+/// Stable 64-bit key for advisory locks (FNV-1a).
+fn lock_key(key: &str) -> i64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in key.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h as i64
+}
+
+fn index_insert_sql(rows: usize) -> String {
+    let mut text = String::from("INSERT INTO search_index (resource_type, id, param, system, value, lo, hi) VALUES ");
+    for r in 0..rows {
+        let b = r * 7;
+        if r > 0 {
+            text.push(',');
+        }
+        text.push_str(&format!("(${},${},${},${},${},${},${})", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7));
+    }
+    text
+}
+
+macro_rules! sql_backend {
+    ($module:ident, $db:ty, $name:literal, $lock:expr) => {
+        pub mod $module {
+            use super::*;
+
+            type Db = $db;
+            type Q<'q> = sqlx::query::Query<'q, Db, <Db as sqlx::Database>::Arguments>;
+            type DbRow = <Db as sqlx::Database>::Row;
+
+            pub struct SqlStore {
+                pub write: sqlx::Pool<Db>,
+                pub read: sqlx::Pool<Db>,
+            }
+
+            pub struct SqlTx {
+                tx: sqlx::Transaction<'static, Db>,
+            }
+
+            fn bind_all<'q>(mut q: Q<'q>, binds: &[Bind]) -> Q<'q> {
+                for b in binds {
+                    q = match b {
+                        Bind::Text(s) => q.bind(s.clone()),
+                        Bind::Int(i) => q.bind(*i),
+                    };
+                }
+                q
+            }
+
+            fn stored(row: &DbRow) -> StoreResult<StoredResource> {
+                Ok(StoredResource {
+                    resource_type: row.try_get("resource_type")?,
+                    id: row.try_get("id")?,
+                    version_id: row.try_get("version_id")?,
+                    last_updated: row.try_get("last_updated")?,
+                    deleted: row.try_get("deleted")?,
+                    body: row.try_get("body")?,
+                    method: row.try_get::<String, _>("method").unwrap_or_else(|_| "PUT".into()),
+                })
+            }
+
+            async fn fetch(pool_or_conn: &sqlx::Pool<Db>, sql: Sql) -> StoreResult<Vec<StoredResource>> {
+                let rows = bind_all(sqlx::query(AssertSqlSafe(sql.text)), &sql.binds).fetch_all(pool_or_conn).await?;
+                rows.iter().map(stored).collect()
+            }
+
+            #[async_trait]
+            impl Store for SqlStore {
+                fn backend(&self) -> &'static str {
+                    $name
+                }
+
+                async fn begin(&self) -> StoreResult<Box<dyn StoreTx>> {
+                    Ok(Box::new(SqlTx { tx: self.write.begin().await? }))
+                }
+
+                async fn read(&self, resource_type: &str, id: &str) -> StoreResult<Option<StoredResource>> {
+                    let row = sqlx::query(
+                        "SELECT resource_type, id, version_id, last_updated, deleted, body FROM resources \
+                         WHERE resource_type = $1 AND id = $2",
+                    )
+                    .bind(resource_type)
+                    .bind(id)
+                    .fetch_optional(&self.read)
+                    .await?;
+                    row.as_ref().map(stored).transpose()
+                }
+
+                async fn read_version(
+                    &self,
+                    resource_type: &str,
+                    id: &str,
+                    version: i64,
+                ) -> StoreResult<Option<StoredResource>> {
+                    let row = sqlx::query(
+                        "SELECT resource_type, id, version_id, last_updated, deleted, body, method \
+                         FROM resource_versions WHERE resource_type = $1 AND id = $2 AND version_id = $3",
+                    )
+                    .bind(resource_type)
+                    .bind(id)
+                    .bind(version)
+                    .fetch_optional(&self.read)
+                    .await?;
+                    row.as_ref().map(stored).transpose()
+                }
+
+                async fn history(&self, q: &HistoryQuery) -> StoreResult<(Vec<StoredResource>, i64)> {
+                    let mut sql = Sql::default();
+                    let mut conds = Vec::new();
+                    if let Some(t) = &q.resource_type {
+                        sql.binds.push(Bind::Text(t.clone()));
+                        conds.push(format!("resource_type = ${}", sql.binds.len()));
+                    }
+                    if let Some(id) = &q.id {
+                        sql.binds.push(Bind::Text(id.clone()));
+                        conds.push(format!("id = ${}", sql.binds.len()));
+                    }
+                    if let Some(since) = q.since {
+                        sql.binds.push(Bind::Int(since));
+                        conds.push(format!("last_updated >= ${}", sql.binds.len()));
+                    }
+                    let w = if conds.is_empty() { "1 = 1".to_string() } else { conds.join(" AND ") };
+                    let count_sql = format!("SELECT COUNT(*) FROM resource_versions WHERE {w}");
+                    let total: i64 = bind_all(sqlx::query(AssertSqlSafe(count_sql)), &sql.binds)
+                        .fetch_one(&self.read)
+                        .await?
+                        .try_get(0)?;
+                    let n = sql.binds.len();
+                    sql.binds.push(Bind::Int(q.count));
+                    sql.binds.push(Bind::Int(q.offset));
+                    sql.text = format!(
+                        "SELECT resource_type, id, version_id, last_updated, deleted, body, method FROM resource_versions \
+                         WHERE {w} ORDER BY last_updated DESC, version_id DESC LIMIT ${} OFFSET ${}",
+                        n + 1,
+                        n + 2
+                    );
+                    Ok((fetch(&self.read, sql).await?, total))
+                }
+
+                async fn search(&self, q: &SearchQuery) -> StoreResult<SearchPage> {
+                    let matches = if q.count > 0 { fetch(&self.read, q.page_sql()).await? } else { Vec::new() };
+                    let total = if q.total {
+                        let sql = q.count_sql();
+                        let row = bind_all(sqlx::query(AssertSqlSafe(sql.text)), &sql.binds).fetch_one(&self.read).await?;
+                        Some(row.try_get::<i64, _>(0)?)
+                    } else {
+                        None
+                    };
+                    Ok(SearchPage { matches, total })
+                }
+
+                async fn read_many(&self, refs: &[(String, String)]) -> StoreResult<Vec<StoredResource>> {
+                    let mut out = Vec::new();
+                    for chunk in refs.chunks(200) {
+                        let mut sql = Sql::default();
+                        let mut ors = Vec::new();
+                        for (t, id) in chunk {
+                            sql.binds.push(Bind::Text(t.clone()));
+                            sql.binds.push(Bind::Text(id.clone()));
+                            let n = sql.binds.len();
+                            ors.push(format!("(r.resource_type = ${} AND r.id = ${})", n - 1, n));
+                        }
+                        sql.text = format!(
+                            "SELECT {COLUMNS} FROM resources r WHERE r.deleted = FALSE AND ({})",
+                            ors.join(" OR ")
+                        );
+                        out.extend(fetch(&self.read, sql).await?);
+                    }
+                    Ok(out)
+                }
+
+                async fn references_of(&self, resource_type: &str, param: &str, ids: &[String]) -> StoreResult<Vec<String>> {
+                    let mut out = Vec::new();
+                    for chunk in ids.chunks(200) {
+                        let mut binds = vec![Bind::Text(resource_type.into()), Bind::Text(param.into())];
+                        let mut marks = Vec::new();
+                        for id in chunk {
+                            binds.push(Bind::Text(id.clone()));
+                            marks.push(format!("${}", binds.len()));
+                        }
+                        let text = format!(
+                            "SELECT DISTINCT value FROM search_index WHERE resource_type = $1 AND param = $2 AND id IN ({})",
+                            marks.join(",")
+                        );
+                        let rows = bind_all(sqlx::query(AssertSqlSafe(text)), &binds).fetch_all(&self.read).await?;
+                        for row in rows {
+                            out.push(row.try_get::<String, _>(0)?);
+                        }
+                    }
+                    Ok(out)
+                }
+
+                async fn referencing(
+                    &self,
+                    source_type: &str,
+                    param: &str,
+                    targets: &[String],
+                ) -> StoreResult<Vec<StoredResource>> {
+                    let mut out = Vec::new();
+                    for chunk in targets.chunks(200) {
+                        let mut sql = Sql { text: String::new(), binds: vec![Bind::Text(source_type.into()), Bind::Text(param.into())] };
+                        let mut marks = Vec::new();
+                        for t in chunk {
+                            sql.binds.push(Bind::Text(t.clone()));
+                            marks.push(format!("${}", sql.binds.len()));
+                        }
+                        sql.text = format!(
+                            "SELECT {COLUMNS} FROM resources r WHERE r.resource_type = $1 AND r.deleted = FALSE AND EXISTS \
+                             (SELECT 1 FROM search_index s WHERE s.resource_type = r.resource_type AND s.id = r.id \
+                             AND s.param = $2 AND s.value IN ({}))",
+                            marks.join(",")
+                        );
+                        out.extend(fetch(&self.read, sql).await?);
+                    }
+                    Ok(out)
+                }
+            }
+
+            #[async_trait]
+            impl StoreTx for SqlTx {
+                async fn current(&mut self, resource_type: &str, id: &str) -> StoreResult<Option<StoredResource>> {
+                    let row = sqlx::query(
+                        "SELECT resource_type, id, version_id, last_updated, deleted, body FROM resources \
+                         WHERE resource_type = $1 AND id = $2",
+                    )
+                    .bind(resource_type)
+                    .bind(id)
+                    .fetch_optional(&mut *self.tx)
+                    .await?;
+                    row.as_ref().map(stored).transpose()
+                }
+
+                async fn lock(&mut self, key: &str) -> StoreResult<()> {
+                    let lock: Option<&'static str> = $lock;
+                    if let Some(sql) = lock {
+                        sqlx::query(sql).bind(lock_key(key)).execute(&mut *self.tx).await?;
+                    }
+                    Ok(())
+                }
+
+                async fn search_ids(&mut self, q: &SearchQuery) -> StoreResult<Vec<String>> {
+                    let sql = q.ids_sql();
+                    let rows = bind_all(sqlx::query(AssertSqlSafe(sql.text)), &sql.binds).fetch_all(&mut *self.tx).await?;
+                    rows.iter().map(|r| Ok(r.try_get::<String, _>(0)?)).collect()
+                }
+
+                async fn write(&mut self, v: &NewVersion) -> StoreResult<()> {
+                    let deleted = v.body.is_none();
+                    if v.version_id == 1 {
+                        sqlx::query(
+                            "INSERT INTO resources (resource_type, id, version_id, last_updated, deleted, body) \
+                             VALUES ($1, $2, $3, $4, $5, $6)",
+                        )
+                        .bind(&v.resource_type)
+                        .bind(&v.id)
+                        .bind(v.version_id)
+                        .bind(v.last_updated)
+                        .bind(deleted)
+                        .bind(&v.body)
+                        .execute(&mut *self.tx)
+                        .await?;
+                    } else {
+                        let done = sqlx::query(
+                            "UPDATE resources SET version_id = $3, last_updated = $4, deleted = $5, body = $6 \
+                             WHERE resource_type = $1 AND id = $2 AND version_id = $7",
+                        )
+                        .bind(&v.resource_type)
+                        .bind(&v.id)
+                        .bind(v.version_id)
+                        .bind(v.last_updated)
+                        .bind(deleted)
+                        .bind(&v.body)
+                        .bind(v.version_id - 1)
+                        .execute(&mut *self.tx)
+                        .await?;
+                        if done.rows_affected() == 0 {
+                            return Err(StoreError::VersionConflict {
+                                resource_type: v.resource_type.clone(),
+                                id: v.id.clone(),
+                            });
+                        }
+                        sqlx::query("DELETE FROM search_index WHERE resource_type = $1 AND id = $2")
+                            .bind(&v.resource_type)
+                            .bind(&v.id)
+                            .execute(&mut *self.tx)
+                            .await?;
+                    }
+                    sqlx::query(
+                        "INSERT INTO resource_versions (resource_type, id, version_id, last_updated, deleted, method, body) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    )
+                    .bind(&v.resource_type)
+                    .bind(&v.id)
+                    .bind(v.version_id)
+                    .bind(v.last_updated)
+                    .bind(deleted)
+                    .bind(v.method)
+                    .bind(&v.body)
+                    .execute(&mut *self.tx)
+                    .await?;
+                    for chunk in v.index.chunks(INDEX_BATCH) {
+                        let mut q = sqlx::query(AssertSqlSafe(index_insert_sql(chunk.len())));
+                        for e in chunk {
+                            q = q.bind(&v.resource_type).bind(&v.id).bind(&e.param);
+                            q = match &e.value {
+                                IndexValue::Text { system, value } => {
+                                    q.bind(system.clone()).bind(Some(value.clone())).bind(None::<i64>).bind(None::<i64>)
+                                }
+                                IndexValue::Date(r) => q
+                                    .bind(None::<String>)
+                                    .bind(None::<String>)
+                                    .bind(Some(r.start))
+                                    .bind(Some(r.end)),
+                            };
+                        }
+                        q.execute(&mut *self.tx).await?;
+                    }
+                    Ok(())
+                }
+
+                async fn commit(self: Box<Self>) -> StoreResult<()> {
+                    Ok(self.tx.commit().await?)
+                }
+            }
+        }
+    };
+}
+
+sql_backend!(sqlite_impl, sqlx::Sqlite, "sqlite", None);
+sql_backend!(postgres_impl, sqlx::Postgres, "postgresql", Some("SELECT pg_advisory_xact_lock($1)"));
+
+mod sqlite {
+    use super::*;
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+
+    pub async fn open(url: &str) -> StoreResult<SharedStore> {
+        let base = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a commit is on disk before the 2xx (WAL with NORMAL may lose the last commits)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        // SQLite has one writer at a time: one write connection serialises writers in the process
+        // (no SQLITE_BUSY, and conditional create is race-free); readers use their own connections.
+        let write = SqlitePoolOptions::new().max_connections(1).connect_with(base.clone()).await?;
+        sqlx::migrate!("./migrations/sqlite").run(&write).await?;
+        let read = if url.contains(":memory:") {
+            write.clone()
+        } else {
+            SqlitePoolOptions::new().max_connections(4).connect_with(base.read_only(true)).await?
+        };
+        Ok(Arc::new(sqlite_impl::SqlStore { write, read }))
+    }
+}
+
+mod postgres {
+    use super::*;
+    use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+    pub async fn open(url: &str) -> StoreResult<SharedStore> {
+        let opts = PgConnectOptions::from_str(url)?;
+        let pool = PgPoolOptions::new().max_connections(16).connect_with(opts).await?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        Ok(Arc::new(postgres_impl::SqlStore { write: pool.clone(), read: pool }))
+    }
+}
