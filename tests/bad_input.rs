@@ -1,0 +1,136 @@
+//! Bad input is answered with an OperationOutcome and changes nothing, on SQLite and PostgreSQL.
+mod common;
+
+use axum::http::{Method, StatusCode};
+use common::{Resp, TestApp, fixture};
+use serde_json::json;
+
+async fn assert_nothing_stored(app: &TestApp) {
+    let h = app.get("/fhir/_history").await;
+    assert_eq!(h.body["total"], 0, "something was stored: {}", h.text);
+}
+
+fn assert_outcome(r: &Resp, status: StatusCode) {
+    assert_eq!(r.status, status, "{}", r.text);
+    assert_eq!(r.body["resourceType"], "OperationOutcome", "{}", r.text);
+    assert_eq!(r.body["issue"][0]["severity"], "error");
+}
+
+on_both_databases! {
+    async fn malformed_json_is_400(app) {
+        let r = app.request(Method::POST, "/fhir/Patient", &[("content-type", "application/fhir+json")], Some(b"{\"resourceType\": \"Patient\",".to_vec())).await;
+        assert_outcome(&r, StatusCode::BAD_REQUEST);
+        assert!(r.text.contains("line 1"));
+        assert_nothing_stored(&app).await;
+    }
+
+    async fn invalid_utf8_is_400(app) {
+        let mut body = br#"{"resourceType":"Patient","name":[{"family":"Ro"#.to_vec();
+        body.extend_from_slice(&[0xff, 0xfe]);
+        body.extend_from_slice(br#""}]}"#);
+        let r = app.request(Method::POST, "/fhir/Patient", &[("content-type", "application/fhir+json")], Some(body)).await;
+        assert_outcome(&r, StatusCode::BAD_REQUEST);
+        assert_nothing_stored(&app).await;
+    }
+
+    async fn deeply_nested_json_is_400(app) {
+        let body = format!("{{\"resourceType\":\"Patient\",\"extension\":{}{}}}", "[".repeat(5000), "]".repeat(5000));
+        let r = app.request(Method::POST, "/fhir/Patient", &[("content-type", "application/fhir+json")], Some(body.into_bytes())).await;
+        assert_outcome(&r, StatusCode::BAD_REQUEST);
+        assert_nothing_stored(&app).await;
+    }
+
+    async fn wrong_content_type_is_415(app) {
+        let body = serde_json::to_vec(&fixture("patient-rossi.json")).unwrap();
+        for ct in ["text/plain", "application/x-www-form-urlencoded", "application/fhir+xml"] {
+            let r = app.request(Method::POST, "/fhir/Patient", &[("content-type", ct)], Some(body.clone())).await;
+            assert_outcome(&r, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        }
+        let r = app.request(Method::POST, "/fhir/Patient", &[], Some(body)).await;
+        assert_outcome(&r, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_nothing_stored(&app).await;
+    }
+
+    async fn unsupported_format_is_406(app) {
+        assert_outcome(&app.get("/fhir/metadata?_format=application/fhir+xml").await, StatusCode::NOT_ACCEPTABLE);
+        let r = app.request(Method::GET, "/fhir/metadata", &[("accept", "application/fhir+xml")], None).await;
+        assert_outcome(&r, StatusCode::NOT_ACCEPTABLE);
+        assert_eq!(app.get("/fhir/metadata?_format=json").await.status, StatusCode::OK);
+    }
+
+    async fn id_in_body_differing_from_url_is_400(app) {
+        let mut p = fixture("patient-rossi.json");
+        p["id"] = json!("abc");
+        let r = app.put("/fhir/Patient/xyz", &p, &[]).await;
+        assert_outcome(&r, StatusCode::BAD_REQUEST);
+        assert_eq!(r.expressions(), vec!["Patient.id".to_string()]);
+        let wrong_type = app.post("/fhir/Observation", &fixture("patient-rossi.json")).await;
+        assert_outcome(&wrong_type, StatusCode::BAD_REQUEST);
+        assert_nothing_stored(&app).await;
+    }
+
+    async fn missing_resource_type_unknown_element_bad_date_bad_code(app) {
+        let mut p = fixture("patient-rossi.json");
+        p.as_object_mut().unwrap().shift_remove("resourceType");
+        assert_outcome(&app.post("/fhir/Patient", &p).await, StatusCode::BAD_REQUEST);
+
+        let mut p = fixture("patient-rossi.json");
+        p["nickname"] = json!("Mariolino");
+        let r = app.post("/fhir/Patient", &p).await;
+        assert_outcome(&r, StatusCode::BAD_REQUEST);
+
+        let mut p = fixture("patient-rossi.json");
+        p["birthDate"] = json!("10/12/1985");
+        let r = app.post("/fhir/Patient", &p).await;
+        assert_outcome(&r, StatusCode::BAD_REQUEST);
+        assert_eq!(r.expressions(), vec!["Patient.birthDate".to_string()]);
+
+        let mut p = fixture("patient-rossi.json");
+        p["gender"] = json!("maschio");
+        let r = app.post("/fhir/Patient", &p).await;
+        assert_outcome(&r, StatusCode::BAD_REQUEST);
+        assert_eq!(r.expressions(), vec!["Patient.gender".to_string()]);
+
+        let obs = json!({"resourceType": "Observation", "code": {"text": "emocoltura"}});
+        let r = app.post("/fhir/Observation", &obs).await;
+        assert_outcome(&r, StatusCode::BAD_REQUEST);
+        assert_eq!(r.expressions(), vec!["Observation.status".to_string()]);
+
+        let obs = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "valueString": "a", "valueBoolean": true});
+        let r = app.post("/fhir/Observation", &obs).await;
+        assert_outcome(&r, StatusCode::BAD_REQUEST);
+
+        let obs = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {}});
+        let r = app.post("/fhir/Observation", &obs).await;
+        assert_outcome(&r, StatusCode::BAD_REQUEST);
+        assert_eq!(r.expressions(), vec!["Observation.subject".to_string()]);
+        assert_nothing_stored(&app).await;
+    }
+
+    async fn unknown_type_and_endpoint_are_404(app) {
+        assert_outcome(&app.get("/fhir/Medication/1").await, StatusCode::NOT_FOUND);
+        assert_outcome(&app.post("/fhir/Medication", &json!({"resourceType": "Medication"})).await, StatusCode::NOT_FOUND);
+        assert_outcome(&app.get("/fhir/Patient/does-not-exist").await, StatusCode::NOT_FOUND);
+        assert_outcome(&app.get("/nothing-here").await, StatusCode::NOT_FOUND);
+        assert_outcome(&app.request(Method::PATCH, "/fhir/Patient/1", &[], None).await, StatusCode::METHOD_NOT_ALLOWED);
+    }
+}
+
+async fn oversized(app: TestApp) {
+    let mut p = fixture("patient-rossi.json");
+    p["name"][0]["text"] = json!("x".repeat(4096));
+    let r = app.post("/fhir/Patient", &p).await;
+    assert_outcome(&r, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_nothing_stored(&app).await;
+    assert_eq!(app.post("/fhir/Patient", &fixture("patient-rossi.json")).await.status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn body_over_the_limit_is_413_sqlite() {
+    oversized(TestApp::sqlite_with(|c| c.max_body_bytes = 2048).await).await;
+}
+
+#[tokio::test]
+async fn body_over_the_limit_is_413_postgres() {
+    oversized(TestApp::postgres_with(|c| c.max_body_bytes = 2048).await).await;
+}

@@ -1,0 +1,176 @@
+//! Test harness: the real router in process, on a fresh SQLite file or a fresh PostgreSQL database.
+#![allow(dead_code)]
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use sentinella::config::Config;
+use serde_json::Value;
+use tower::ServiceExt;
+
+/// The PostgreSQL server the tests create their databases on.
+pub fn postgres_admin_url() -> String {
+    std::env::var("SENTINELLA_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+pub enum Db {
+    Sqlite(std::path::PathBuf),
+    Postgres(String),
+}
+
+pub struct TestApp {
+    pub router: Router,
+    pub db: Db,
+}
+
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+    pub text: String,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    /// The expressions of an OperationOutcome's issues.
+    pub fn expressions(&self) -> Vec<String> {
+        self.body["issue"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|i| i["expression"].as_array().cloned().unwrap_or_default())
+            .filter_map(|e| e.as_str().map(String::from))
+            .collect()
+    }
+}
+
+pub fn fixture(name: &str) -> Value {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture exists")).expect("fixture is JSON")
+}
+
+impl TestApp {
+    pub async fn sqlite() -> Self {
+        Self::sqlite_with(|_| {}).await
+    }
+
+    pub async fn sqlite_with(tune: impl FnOnce(&mut Config)) -> Self {
+        let path = std::env::temp_dir().join(format!("sentinella-test-{}.db", uuid::Uuid::new_v4().simple()));
+        let mut config = Config::with_database(format!("sqlite://{}", path.display()));
+        tune(&mut config);
+        let router = sentinella::server::build_app(config).await.expect("sqlite app starts");
+        TestApp { router, db: Db::Sqlite(path) }
+    }
+
+    pub async fn postgres() -> Self {
+        Self::postgres_with(|_| {}).await
+    }
+
+    pub async fn postgres_with(tune: impl FnOnce(&mut Config)) -> Self {
+        use sqlx::Connection;
+        let name = format!("sentinella_test_{}", uuid::Uuid::new_v4().simple());
+        let admin = postgres_admin_url();
+        let mut conn = sqlx::PgConnection::connect(&format!("{admin}/postgres"))
+            .await
+            .expect("PostgreSQL is reachable (start it: see .ci/run)");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.expect("create db");
+        let mut config = Config::with_database(format!("{admin}/{name}"));
+        tune(&mut config);
+        let router = sentinella::server::build_app(config).await.expect("postgres app starts");
+        TestApp { router, db: Db::Postgres(name) }
+    }
+
+    pub async fn request(&self, method: Method, uri: &str, headers: &[(&str, &str)], body: Option<Vec<u8>>) -> Resp {
+        let mut req = Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(body.map(Body::from).unwrap_or_else(Body::empty)).expect("request");
+        let resp = self.router.clone().oneshot(req).await.expect("router answers");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        let text = String::from_utf8_lossy(&bytes).to_string();
+        let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
+        Resp { status, headers, body, text }
+    }
+
+    pub async fn get(&self, uri: &str) -> Resp {
+        self.request(Method::GET, uri, &[], None).await
+    }
+
+    pub async fn post(&self, uri: &str, body: &Value) -> Resp {
+        self.post_with(uri, body, &[]).await
+    }
+
+    pub async fn post_with(&self, uri: &str, body: &Value, headers: &[(&str, &str)]) -> Resp {
+        let mut h = vec![("content-type", "application/fhir+json")];
+        h.extend_from_slice(headers);
+        self.request(Method::POST, uri, &h, Some(serde_json::to_vec(body).unwrap())).await
+    }
+
+    pub async fn put(&self, uri: &str, body: &Value, headers: &[(&str, &str)]) -> Resp {
+        let mut h = vec![("content-type", "application/fhir+json")];
+        h.extend_from_slice(headers);
+        self.request(Method::PUT, uri, &h, Some(serde_json::to_vec(body).unwrap())).await
+    }
+
+    pub async fn delete(&self, uri: &str) -> Resp {
+        self.request(Method::DELETE, uri, &[], None).await
+    }
+
+    /// How many current resources of a type exist (a search total).
+    pub async fn count(&self, rt: &str) -> i64 {
+        let r = self.get(&format!("/fhir/{rt}?_summary=count")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        r.body["total"].as_i64().expect("total")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        match &self.db {
+            Db::Sqlite(path) => {
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+                }
+            }
+            Db::Postgres(name) => {
+                // drop the test database on a thread of its own: Drop cannot await
+                let name = name.clone();
+                let _ = std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                    rt.block_on(async {
+                        use sqlx::Connection;
+                        if let Ok(mut c) = sqlx::PgConnection::connect(&format!("{}/postgres", postgres_admin_url())).await {
+                            let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                            let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut c).await;
+                        }
+                    });
+                })
+                .join();
+            }
+        }
+    }
+}
+
+/// Run each test body once on SQLite and once on PostgreSQL: `name::sqlite`, `name::postgres`.
+#[macro_export]
+macro_rules! on_both_databases {
+    ($(async fn $name:ident($app:ident) $body:block)*) => {
+        $(
+            mod $name {
+                #[allow(unused_imports)]
+                use super::*;
+                async fn run($app: $crate::common::TestApp) $body
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() { run($crate::common::TestApp::sqlite().await).await }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() { run($crate::common::TestApp::postgres().await).await }
+            }
+        )*
+    };
+}
