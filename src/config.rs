@@ -4,7 +4,11 @@ use std::net::SocketAddr;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "sentinella", version, about = "FHIR R4 server for infectious-disease notification and CRE surveillance")]
+#[command(
+    name = "sentinella",
+    version,
+    about = "FHIR R4 server for infectious-disease notification and CRE surveillance"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -28,9 +32,18 @@ pub struct Config {
     #[arg(long, env = "SENTINELLA_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Database: sqlite://PATH (created on first start) or postgres://USER@HOST/DB.
-    #[arg(long, env = "SENTINELLA_DATABASE", default_value = "sqlite://sentinella.db")]
+    #[arg(
+        long,
+        env = "SENTINELLA_DATABASE",
+        default_value = "sqlite://sentinella.db"
+    )]
     pub database: String,
-    #[arg(long, env = "SENTINELLA_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long,
+        env = "SENTINELLA_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
     /// Largest accepted request body, in bytes (larger: 413).
     #[arg(long, env = "SENTINELLA_MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]

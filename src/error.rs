@@ -33,8 +33,17 @@ impl Severity {
 }
 
 impl Issue {
-    pub fn error(code: &'static str, diagnostics: impl Into<String>, expression: Option<String>) -> Self {
-        Issue { severity: Severity::Error, code, diagnostics: diagnostics.into(), expression }
+    pub fn error(
+        code: &'static str,
+        diagnostics: impl Into<String>,
+        expression: Option<String>,
+    ) -> Self {
+        Issue {
+            severity: Severity::Error,
+            code,
+            diagnostics: diagnostics.into(),
+            expression,
+        }
     }
 
     /// The same issue, seen from inside a Bundle entry (`Bundle.entry[i].resource.…`).
@@ -57,7 +66,10 @@ pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
     #[error("the resource is not valid")]
-    Invalid { status: StatusCode, issues: Vec<Issue> },
+    Invalid {
+        status: StatusCode,
+        issues: Vec<Issue>,
+    },
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -80,11 +92,17 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn invalid(issues: Vec<Issue>) -> Self {
-        ApiError::Invalid { status: StatusCode::BAD_REQUEST, issues }
+        ApiError::Invalid {
+            status: StatusCode::BAD_REQUEST,
+            issues,
+        }
     }
 
     pub fn unprocessable(issues: Vec<Issue>) -> Self {
-        ApiError::Invalid { status: StatusCode::UNPROCESSABLE_ENTITY, issues }
+        ApiError::Invalid {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            issues,
+        }
     }
 
     pub fn status(&self) -> StatusCode {
@@ -111,9 +129,9 @@ impl ApiError {
             ApiError::NotFound(_) | ApiError::Gone(_) => "not-found",
             ApiError::Conflict(_) | ApiError::PreconditionFailed(_) => "conflict",
             ApiError::PayloadTooLarge(_) => "too-costly",
-            ApiError::UnsupportedMediaType(_) | ApiError::NotAcceptable(_) | ApiError::MethodNotAllowed(_) => {
-                "not-supported"
-            }
+            ApiError::UnsupportedMediaType(_)
+            | ApiError::NotAcceptable(_)
+            | ApiError::MethodNotAllowed(_) => "not-supported",
             ApiError::Storage(e) if e.is_conflict() => "conflict",
             ApiError::Storage(_) => "exception",
         };

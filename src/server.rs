@@ -20,7 +20,10 @@ pub async fn build_app(config: Config) -> StoreResult<Router> {
     })
     .await
     .expect("warm-up does not panic");
-    Ok(router(AppState { store, config: Arc::new(config) }))
+    Ok(router(AppState {
+        store,
+        config: Arc::new(config),
+    }))
 }
 
 /// Serve until SIGINT or SIGTERM; in-flight requests finish before the process exits.
@@ -29,7 +32,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let database = redact(&config.database);
     let app = build_app(config).await?;
     tracing::info!(address = %listener.local_addr()?, %database, "Sentinella FHIR server listening on /fhir");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
     tracing::info!("shut down cleanly");
     Ok(())
 }
@@ -47,7 +52,8 @@ async fn shutdown_signal() {
     };
     #[cfg(unix)]
     let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
             s.recv().await;
         }
     };

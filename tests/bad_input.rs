@@ -122,7 +122,12 @@ async fn oversized(app: TestApp) {
     let r = app.post("/fhir/Patient", &p).await;
     assert_outcome(&r, StatusCode::PAYLOAD_TOO_LARGE);
     assert_nothing_stored(&app).await;
-    assert_eq!(app.post("/fhir/Patient", &fixture("patient-rossi.json")).await.status, StatusCode::CREATED);
+    assert_eq!(
+        app.post("/fhir/Patient", &fixture("patient-rossi.json"))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
 }
 
 #[tokio::test]

@@ -6,20 +6,31 @@ use common::{TestApp, fixture};
 use serde_json::{Value, json};
 
 async fn load_antibiogram(app: &TestApp) -> Value {
-    let r = app.post("/fhir", &fixture("antibiogram-transaction.json")).await;
+    let r = app
+        .post("/fhir", &fixture("antibiogram-transaction.json"))
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     r.body
 }
 
 fn ids(bundle: &Value, rt: &str) -> Vec<String> {
-    bundle["entry"].as_array().into_iter().flatten()
+    bundle["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
         .filter(|e| e["resource"]["resourceType"] == rt)
         .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
         .collect()
 }
 
 fn id_from(entry: &Value) -> String {
-    entry["response"]["location"].as_str().unwrap().split('/').nth_back(2).unwrap().to_string()
+    entry["response"]["location"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .nth_back(2)
+        .unwrap()
+        .to_string()
 }
 
 on_both_databases! {

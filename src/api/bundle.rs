@@ -61,7 +61,11 @@ fn at_entry(index: usize, e: ApiError) -> ApiError {
 }
 
 fn entry_error(index: usize, msg: String, field: &str) -> ApiError {
-    ApiError::invalid(vec![Issue::error("invalid", msg, Some(format!("Bundle.entry[{index}].{field}")))])
+    ApiError::invalid(vec![Issue::error(
+        "invalid",
+        msg,
+        Some(format!("Bundle.entry[{index}].{field}")),
+    )])
 }
 
 fn parse_entry(index: usize, e: &Value) -> ApiResult<Entry> {
@@ -71,10 +75,24 @@ fn parse_entry(index: usize, e: &Value) -> ApiResult<Entry> {
         Some("PUT") => Method::Put,
         Some("DELETE") => Method::Delete,
         Some("GET") => Method::Get,
-        Some(m) => return Err(entry_error(index, format!("request.method {m} is not supported"), "request.method")),
-        None => return Err(entry_error(index, "request.method is required".into(), "request.method")),
+        Some(m) => {
+            return Err(entry_error(
+                index,
+                format!("request.method {m} is not supported"),
+                "request.method",
+            ));
+        }
+        None => {
+            return Err(entry_error(
+                index,
+                "request.method is required".into(),
+                "request.method",
+            ));
+        }
     };
-    let url = req["url"].as_str().ok_or_else(|| entry_error(index, "request.url is required".into(), "request.url"))?;
+    let url = req["url"]
+        .as_str()
+        .ok_or_else(|| entry_error(index, "request.url is required".into(), "request.url"))?;
     let url = url.trim_start_matches('/');
     let (path, query) = match url.split_once('?') {
         Some((p, q)) => (p, Some(q.to_string())),
@@ -84,39 +102,72 @@ fn parse_entry(index: usize, e: &Value) -> ApiResult<Entry> {
     let rt = segs.next().unwrap_or_default().to_string();
     let id = segs.next().map(String::from);
     if segs.next().is_some() {
-        return Err(entry_error(index, format!("request.url '{url}' is not Type, Type/id or Type?query"), "request.url"));
+        return Err(entry_error(
+            index,
+            format!("request.url '{url}' is not Type, Type/id or Type?query"),
+            "request.url",
+        ));
     }
     super::require_type(&rt).map_err(|e| at_entry(index, e))?;
     if let Some(id) = &id
         && !is_valid_id(id)
     {
-        return Err(entry_error(index, format!("'{id}' is not a valid id"), "request.url"));
+        return Err(entry_error(
+            index,
+            format!("'{id}' is not a valid id"),
+            "request.url",
+        ));
     }
     let resource = e.get("resource").cloned();
     match (method, &resource) {
         (Method::Post | Method::Put, None) => {
-            return Err(entry_error(index, "a POST or PUT entry needs a resource".into(), "resource"));
+            return Err(entry_error(
+                index,
+                "a POST or PUT entry needs a resource".into(),
+                "resource",
+            ));
         }
         (Method::Post, Some(_)) if id.is_some() || query.is_some() => {
-            return Err(entry_error(index, "a POST entry's request.url is the resource type".into(), "request.url"));
+            return Err(entry_error(
+                index,
+                "a POST entry's request.url is the resource type".into(),
+                "request.url",
+            ));
         }
         (Method::Put | Method::Delete, _) if id.is_none() && query.is_none() => {
-            return Err(entry_error(index, "PUT and DELETE need Type/id or Type?query".into(), "request.url"));
+            return Err(entry_error(
+                index,
+                "PUT and DELETE need Type/id or Type?query".into(),
+                "request.url",
+            ));
         }
         _ => {}
     }
     if let Some(r) = &resource {
         let body_type = resource_type(r).map_err(|e| at_entry(index, e))?;
         if body_type != rt {
-            return Err(entry_error(index, format!("the resource is a {body_type} but request.url names {rt}"), "resource"));
+            return Err(entry_error(
+                index,
+                format!("the resource is a {body_type} but request.url names {rt}"),
+                "resource",
+            ));
         }
-        if let (Method::Put, Some(id), Some(body_id)) = (method, &id, r.get("id").and_then(Value::as_str))
+        if let (Method::Put, Some(id), Some(body_id)) =
+            (method, &id, r.get("id").and_then(Value::as_str))
             && body_id != id
         {
-            return Err(entry_error(index, format!("resource.id {body_id} differs from request.url id {id}"), "resource.id"));
+            return Err(entry_error(
+                index,
+                format!("resource.id {body_id} differs from request.url id {id}"),
+                "resource.id",
+            ));
         }
     }
-    let if_match = req["ifMatch"].as_str().map(parse_etag).transpose().map_err(|e| at_entry(index, e))?;
+    let if_match = req["ifMatch"]
+        .as_str()
+        .map(parse_etag)
+        .transpose()
+        .map_err(|e| at_entry(index, e))?;
     let conditional = if method == Method::Post { None } else { query };
     Ok(Entry {
         index,
@@ -159,7 +210,11 @@ fn validate_bundle(b: &Value) -> ApiResult<Vec<Entry>> {
         }
         entries.push(entry);
     }
-    if issues.is_empty() { Ok(entries) } else { Err(ApiError::invalid(issues)) }
+    if issues.is_empty() {
+        Ok(entries)
+    } else {
+        Err(ApiError::invalid(issues))
+    }
 }
 
 struct Done {
@@ -170,13 +225,31 @@ struct Done {
 
 /// Run one entry (after ids are assigned and references resolved).
 async fn execute(tx: &mut dyn StoreTx, e: &mut Entry) -> ApiResult<Done> {
-    let done = |status, written, location| Ok(Done { status, written, location });
+    let done = |status, written, location| {
+        Ok(Done {
+            status,
+            written,
+            location,
+        })
+    };
     match e.method {
         Method::Post => {
-            let id = e.id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            let id =
+                e.id.clone()
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
             if e.existing {
-                let stored = tx.current(&e.rt, &id).await?.ok_or_else(|| ApiError::NotFound(id.clone()))?;
-                return done("200 OK", Some(Written { stored, created: false }), false);
+                let stored = tx
+                    .current(&e.rt, &id)
+                    .await?
+                    .ok_or_else(|| ApiError::NotFound(id.clone()))?;
+                return done(
+                    "200 OK",
+                    Some(Written {
+                        stored,
+                        created: false,
+                    }),
+                    false,
+                );
             }
             let resource = e.resource.take().unwrap_or_default();
             let w = match &e.if_none_exist {
@@ -190,7 +263,9 @@ async fn execute(tx: &mut dyn StoreTx, e: &mut Entry) -> ApiResult<Done> {
         Method::Put => {
             let id = match (&e.id, &e.conditional) {
                 (Some(id), _) => id.clone(),
-                (None, Some(q)) => conditional_match(tx, &e.rt, q).await?.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+                (None, Some(q)) => conditional_match(tx, &e.rt, q)
+                    .await?
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
                 (None, None) => unreachable!("checked in parse_entry"),
             };
             let mut resource = e.resource.take().unwrap_or_default();
@@ -212,17 +287,30 @@ async fn execute(tx: &mut dyn StoreTx, e: &mut Entry) -> ApiResult<Done> {
         }
         Method::Get => {
             let id = e.id.as_deref().ok_or_else(|| {
-                ApiError::BadRequest("only reads (GET Type/id) are supported inside a Bundle; search with GET /Type".into())
+                ApiError::BadRequest(
+                    "only reads (GET Type/id) are supported inside a Bundle; search with GET /Type"
+                        .into(),
+                )
             })?;
             let stored = tx.current(&e.rt, id).await?.filter(|s| !s.deleted);
-            let stored = stored.ok_or_else(|| ApiError::NotFound(format!("{}/{id} is not known", e.rt)))?;
-            done("200 OK", Some(Written { stored, created: false }), false)
+            let stored =
+                stored.ok_or_else(|| ApiError::NotFound(format!("{}/{id} is not known", e.rt)))?;
+            done(
+                "200 OK",
+                Some(Written {
+                    stored,
+                    created: false,
+                }),
+                false,
+            )
         }
     }
 }
 
 fn response_entry(d: &Done, prefer: Prefer, base: &BaseUrl) -> ApiResult<Value> {
-    let Some(w) = &d.written else { return Ok(json!({"response": {"status": d.status}})) };
+    let Some(w) = &d.written else {
+        return Ok(json!({"response": {"status": d.status}}));
+    };
     let s = &w.stored;
     let mut entry = json!({"fullUrl": format!("{}/{}/{}", base.0, s.resource_type, s.id)});
     if prefer.ret == ReturnPref::Representation && s.body.is_some() {
@@ -255,13 +343,21 @@ pub async fn process(
         Some("batch") => batch(&state, &b, prefer, &base).await,
         other => Err(ApiError::unprocessable(vec![Issue::error(
             "not-supported",
-            format!("Bundle.type {} cannot be processed here: send a transaction or a batch", other.unwrap_or("(missing)")),
+            format!(
+                "Bundle.type {} cannot be processed here: send a transaction or a batch",
+                other.unwrap_or("(missing)")
+            ),
             Some("Bundle.type".into()),
         )])),
     }
 }
 
-async fn transaction(state: &AppState, b: &Value, prefer: Prefer, base: &BaseUrl) -> ApiResult<Response> {
+async fn transaction(
+    state: &AppState,
+    b: &Value,
+    prefer: Prefer,
+    base: &BaseUrl,
+) -> ApiResult<Response> {
     let mut entries = validate_bundle(b)?;
     let mut tx = state.store.begin().await?;
     // 1. ids: POST entries get new ids (or the match of their ifNoneExist), conditional PUTs their match
@@ -269,14 +365,18 @@ async fn transaction(state: &AppState, b: &Value, prefer: Prefer, base: &BaseUrl
     for e in entries.iter_mut() {
         if e.method == Method::Post {
             let matched = match &e.if_none_exist {
-                Some(q) => conditional_match(tx.as_mut(), &e.rt, q).await.map_err(|err| at_entry(e.index, err))?,
+                Some(q) => conditional_match(tx.as_mut(), &e.rt, q)
+                    .await
+                    .map_err(|err| at_entry(e.index, err))?,
                 None => None,
             };
             e.existing = matched.is_some();
             e.id = Some(matched.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()));
         } else if e.method == Method::Put && e.id.is_none() {
             let q = e.conditional.clone().unwrap_or_default();
-            let matched = conditional_match(tx.as_mut(), &e.rt, &q).await.map_err(|err| at_entry(e.index, err))?;
+            let matched = conditional_match(tx.as_mut(), &e.rt, &q)
+                .await
+                .map_err(|err| at_entry(e.index, err))?;
             e.id = Some(matched.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()));
         }
         if let (Some(full), Some(id)) = (&e.full_url, &e.id) {
@@ -287,7 +387,9 @@ async fn transaction(state: &AppState, b: &Value, prefer: Prefer, base: &BaseUrl
     for e in entries.iter_mut() {
         let index = e.index;
         let rt = e.rt.clone();
-        let Some(r) = e.resource.as_mut() else { continue };
+        let Some(r) = e.resource.as_mut() else {
+            continue;
+        };
         let mut unresolved = Vec::new();
         for_each_reference(r, &rt, &mut |reference, path| {
             if let Some(target) = ids.get(reference.as_str()) {
@@ -301,7 +403,12 @@ async fn transaction(state: &AppState, b: &Value, prefer: Prefer, base: &BaseUrl
             }
         });
         if !unresolved.is_empty() {
-            return Err(ApiError::invalid(unresolved.into_iter().map(|i| i.within_entry(index)).collect()));
+            return Err(ApiError::invalid(
+                unresolved
+                    .into_iter()
+                    .map(|i| i.within_entry(index))
+                    .collect(),
+            ));
         }
     }
     // 3. execute in FHIR order: DELETE, POST, PUT, GET; a conditional POST that matched just reads
@@ -310,7 +417,9 @@ async fn transaction(state: &AppState, b: &Value, prefer: Prefer, base: &BaseUrl
     let mut results: Vec<Option<Done>> = (0..entries.len()).map(|_| None).collect();
     for i in order {
         let e = &mut entries[i];
-        let d = execute(tx.as_mut(), e).await.map_err(|err| at_entry(i, err))?;
+        let d = execute(tx.as_mut(), e)
+            .await
+            .map_err(|err| at_entry(i, err))?;
         results[i] = Some(d);
     }
     tx.commit().await?;
@@ -318,7 +427,10 @@ async fn transaction(state: &AppState, b: &Value, prefer: Prefer, base: &BaseUrl
         .iter()
         .map(|d| response_entry(d.as_ref().expect("every entry ran"), prefer, base))
         .collect::<ApiResult<Vec<_>>>()?;
-    Ok(fhir_json(StatusCode::OK, &bundle("transaction-response", None, vec![], out)))
+    Ok(fhir_json(
+        StatusCode::OK,
+        &bundle("transaction-response", None, vec![], out),
+    ))
 }
 
 async fn batch(state: &AppState, b: &Value, prefer: Prefer, base: &BaseUrl) -> ApiResult<Response> {
@@ -337,11 +449,17 @@ async fn batch(state: &AppState, b: &Value, prefer: Prefer, base: &BaseUrl) -> A
                     }
                 });
                 if let Some(path) = dangling {
-                    return Err(entry_error(i, "a batch entry cannot reference another entry by urn:uuid".into(), &format!("resource{path}")));
+                    return Err(entry_error(
+                        i,
+                        "a batch entry cannot reference another entry by urn:uuid".into(),
+                        &format!("resource{path}"),
+                    ));
                 }
             }
             let mut tx = state.store.begin().await?;
-            let d = execute(tx.as_mut(), &mut e).await.map_err(|err| at_entry(i, err))?;
+            let d = execute(tx.as_mut(), &mut e)
+                .await
+                .map_err(|err| at_entry(i, err))?;
             tx.commit().await?;
             response_entry(&d, prefer, base)
         }
@@ -354,5 +472,8 @@ async fn batch(state: &AppState, b: &Value, prefer: Prefer, base: &BaseUrl) -> A
             }}),
         });
     }
-    Ok(fhir_json(StatusCode::OK, &bundle("batch-response", None, vec![], out)))
+    Ok(fhir_json(
+        StatusCode::OK,
+        &bundle("batch-response", None, vec![], out),
+    ))
 }

@@ -52,8 +52,18 @@ pub async fn create(
         None => interactions::create(tx.as_mut(), resource, &id).await?,
     };
     tx.commit().await?;
-    let status = if written.created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok(resource_response(status, &written.stored, prefer, &base, written.created))
+    let status = if written.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(resource_response(
+        status,
+        &written.stored,
+        prefer,
+        &base,
+        written.created,
+    ))
 }
 
 pub async fn read(
@@ -65,16 +75,31 @@ pub async fn read(
 ) -> ApiResult<Response> {
     negotiate(&headers, query.as_deref())?;
     super::require_type(&rt)?;
-    let stored = state.store.read(&rt, &id).await?.ok_or_else(|| ApiError::NotFound(format!("{rt}/{id} is not known")))?;
+    let stored = state
+        .store
+        .read(&rt, &id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("{rt}/{id} is not known")))?;
     if stored.deleted {
-        return Err(ApiError::Gone(format!("{rt}/{id} was deleted (version {})", stored.version_id)));
+        return Err(ApiError::Gone(format!(
+            "{rt}/{id} was deleted (version {})",
+            stored.version_id
+        )));
     }
-    if header(&headers, "if-none-match").is_some_and(|v| v.trim_start_matches("W/") == format!("\"{}\"", stored.version_id)) {
+    if header(&headers, "if-none-match")
+        .is_some_and(|v| v.trim_start_matches("W/") == format!("\"{}\"", stored.version_id))
+    {
         let mut r = Response::new(axum::body::Body::empty());
         *r.status_mut() = StatusCode::NOT_MODIFIED;
         return Ok(r);
     }
-    Ok(resource_response(StatusCode::OK, &stored, Prefer::default(), &base, false))
+    Ok(resource_response(
+        StatusCode::OK,
+        &stored,
+        Prefer::default(),
+        &base,
+        false,
+    ))
 }
 
 pub async fn vread(
@@ -86,16 +111,26 @@ pub async fn vread(
 ) -> ApiResult<Response> {
     negotiate(&headers, query.as_deref())?;
     super::require_type(&rt)?;
-    let v: i64 = vid.parse().map_err(|_| ApiError::NotFound(format!("{rt}/{id}/_history/{vid}: no such version")))?;
+    let v: i64 = vid
+        .parse()
+        .map_err(|_| ApiError::NotFound(format!("{rt}/{id}/_history/{vid}: no such version")))?;
     let stored = state
         .store
         .read_version(&rt, &id, v)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("{rt}/{id}/_history/{vid} is not known")))?;
     if stored.deleted {
-        return Err(ApiError::Gone(format!("{rt}/{id} version {v} is a deletion")));
+        return Err(ApiError::Gone(format!(
+            "{rt}/{id} version {v} is a deletion"
+        )));
     }
-    Ok(resource_response(StatusCode::OK, &stored, Prefer::default(), &base, false))
+    Ok(resource_response(
+        StatusCode::OK,
+        &stored,
+        Prefer::default(),
+        &base,
+        false,
+    ))
 }
 
 pub async fn update(
@@ -110,7 +145,9 @@ pub async fn update(
     negotiate(&headers, query.as_deref())?;
     super::require_type(&rt)?;
     if !is_valid_id(&id) {
-        return Err(ApiError::BadRequest(format!("'{id}' is not a valid FHIR id")));
+        return Err(ApiError::BadRequest(format!(
+            "'{id}' is not a valid FHIR id"
+        )));
     }
     let resource = read_resource(&rt, &body)?;
     match resource.get("id").and_then(|v| v.as_str()) {
@@ -134,8 +171,18 @@ pub async fn update(
     let mut tx = state.store.begin().await?;
     let written = interactions::update(tx.as_mut(), resource, &id, expected).await?;
     tx.commit().await?;
-    let status = if written.created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok(resource_response(status, &written.stored, prefer, &base, true))
+    let status = if written.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(resource_response(
+        status,
+        &written.stored,
+        prefer,
+        &base,
+        true,
+    ))
 }
 
 pub async fn delete(
@@ -172,11 +219,16 @@ pub async fn conditional_update(
     let q = query.unwrap_or_default();
     let mut resource = read_resource(&rt, &body)?;
     let mut tx = state.store.begin().await?;
-    let body_id = resource.get("id").and_then(|v| v.as_str()).map(String::from);
+    let body_id = resource
+        .get("id")
+        .and_then(|v| v.as_str())
+        .map(String::from);
     let id = match interactions::conditional_match(tx.as_mut(), &rt, &q).await? {
         Some(id) => id,
         // no match: a client-chosen id in the body is honoured, as for update-as-create
-        None => body_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        None => body_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
     };
     if let Some(body_id) = body_id
         && body_id != id
@@ -190,8 +242,18 @@ pub async fn conditional_update(
     resource["id"] = serde_json::json!(id);
     let written = interactions::update(tx.as_mut(), resource, &id, if_match(&headers)?).await?;
     tx.commit().await?;
-    let status = if written.created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok(resource_response(status, &written.stored, prefer, &base, true))
+    let status = if written.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(resource_response(
+        status,
+        &written.stored,
+        prefer,
+        &base,
+        true,
+    ))
 }
 
 /// `DELETE /{type}?query`: delete the one match (none: nothing to do; several: 412).

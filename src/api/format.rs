@@ -20,24 +20,43 @@ pub fn fhir_json(status: StatusCode, body: &Value) -> Response {
 
 pub fn raw_json(status: StatusCode, text: String) -> Response {
     let mut resp = (status, Body::from(text)).into_response();
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
     resp
 }
 
 fn is_json_mime(m: &str) -> bool {
-    let m = m.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    matches!(m.as_str(), "application/fhir+json" | "application/json" | "application/json+fhir" | "json")
+    let m = m
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    matches!(
+        m.as_str(),
+        "application/fhir+json" | "application/json" | "application/json+fhir" | "json"
+    )
 }
 
 fn is_xml_mime(m: &str) -> bool {
-    let m = m.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    matches!(m.as_str(), "application/fhir+xml" | "application/xml" | "text/xml" | "xml" | "application/xml+fhir")
+    let m = m
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    matches!(
+        m.as_str(),
+        "application/fhir+xml" | "application/xml" | "text/xml" | "xml" | "application/xml+fhir"
+    )
 }
 
 /// Check what the client accepts (`_format` wins over `Accept`): JSON is what this server writes.
 pub fn negotiate(headers: &HeaderMap, query: Option<&str>) -> Result<(), ApiError> {
     let format = query.and_then(|q| {
-        form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "_format").map(|(_, v)| v.into_owned())
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "_format")
+            .map(|(_, v)| v.into_owned())
     });
     if let Some(f) = format {
         if is_json_mime(&f) {
@@ -47,7 +66,9 @@ pub fn negotiate(headers: &HeaderMap, query: Option<&str>) -> Result<(), ApiErro
             "_format={f} is not supported: this server reads and writes application/fhir+json"
         )));
     }
-    let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else { return Ok(()) };
+    let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
+        return Ok(());
+    };
     let acceptable = accept.split(',').any(|m| {
         let m = m.split(';').next().unwrap_or("").trim();
         is_json_mime(m) || m == "*/*" || m == "application/*" || m.is_empty()
@@ -79,7 +100,11 @@ pub struct Prefer {
 impl Prefer {
     pub fn from_headers(headers: &HeaderMap) -> Self {
         let mut p = Prefer::default();
-        for v in headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()) {
+        for v in headers
+            .get_all("prefer")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+        {
             for part in v.split([',', ';']).map(str::trim) {
                 match part.replace(' ', "").as_str() {
                     "return=minimal" => p.ret = ReturnPref::Minimal,
@@ -112,7 +137,11 @@ impl FromRequestParts<AppState> for BaseUrl {
         if let Some(b) = &state.config.base_url {
             return Ok(BaseUrl(b.trim_end_matches('/').to_string()));
         }
-        let host = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+        let host = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("localhost");
         Ok(BaseUrl(format!("http://{host}/fhir")))
     }
 }
@@ -124,7 +153,11 @@ impl FromRequest<AppState> for FhirBody {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
         let limit = state.config.max_body_bytes;
-        let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let ct = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
         if !is_json_mime(ct) {
             let why = if is_xml_mime(ct) {
                 "FHIR XML is not accepted by this server: send application/fhir+json".to_string()
@@ -143,7 +176,9 @@ impl FromRequest<AppState> for FhirBody {
         if declared.is_some_and(|n| n > limit) {
             return Err(ApiError::PayloadTooLarge(limit));
         }
-        let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|_| ApiError::PayloadTooLarge(limit))?;
+        let bytes = axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|_| ApiError::PayloadTooLarge(limit))?;
         Ok(FhirBody(bytes))
     }
 }

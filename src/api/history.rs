@@ -15,21 +15,54 @@ use crate::store::HistoryQuery;
 fn parse_params(query: Option<&str>) -> ApiResult<(i64, i64, Option<i64>)> {
     let (mut count, mut offset, mut since) = (50i64, 0i64, None);
     for (k, v) in SearchRequest::from_query(query.unwrap_or("")).pairs {
-        let bad = |m: String| ApiError::invalid(vec![Issue::error("processing", m, Some(k.clone()))]);
+        let bad =
+            |m: String| ApiError::invalid(vec![Issue::error("processing", m, Some(k.clone()))]);
         match k.as_str() {
-            "_count" => count = v.parse::<i64>().map_err(|_| bad(format!("_count '{v}' is not a number")))?.clamp(1, 1000),
-            "_offset" => offset = v.parse::<i64>().map_err(|_| bad(format!("_offset '{v}' is not a number")))?.max(0),
-            "_since" => since = Some(parse_range(&v).ok_or_else(|| bad(format!("_since '{v}' is not a valid instant")))?.start),
+            "_count" => {
+                count = v
+                    .parse::<i64>()
+                    .map_err(|_| bad(format!("_count '{v}' is not a number")))?
+                    .clamp(1, 1000)
+            }
+            "_offset" => {
+                offset = v
+                    .parse::<i64>()
+                    .map_err(|_| bad(format!("_offset '{v}' is not a number")))?
+                    .max(0)
+            }
+            "_since" => {
+                since = Some(
+                    parse_range(&v)
+                        .ok_or_else(|| bad(format!("_since '{v}' is not a valid instant")))?
+                        .start,
+                )
+            }
             "_format" | "_pretty" => {}
-            other => return Err(bad(format!("unknown _history parameter '{other}' (supported: _count, _since)"))),
+            other => {
+                return Err(bad(format!(
+                    "unknown _history parameter '{other}' (supported: _count, _since)"
+                )));
+            }
         }
     }
     Ok((count, offset, since))
 }
 
-async fn history(state: &AppState, base: &BaseUrl, rt: Option<String>, id: Option<String>, query: Option<&str>) -> ApiResult<Response> {
+async fn history(
+    state: &AppState,
+    base: &BaseUrl,
+    rt: Option<String>,
+    id: Option<String>,
+    query: Option<&str>,
+) -> ApiResult<Response> {
     let (count, offset, since) = parse_params(query)?;
-    let q = HistoryQuery { resource_type: rt.clone(), id: id.clone(), since, count, offset };
+    let q = HistoryQuery {
+        resource_type: rt.clone(),
+        id: id.clone(),
+        since,
+        count,
+        offset,
+    };
     let (versions, total) = state.store.history(&q).await?;
     if let (Some(rt), Some(id), 0) = (&rt, &id, total) {
         return Err(ApiError::NotFound(format!("{rt}/{id} is not known")));
@@ -64,7 +97,10 @@ async fn history(state: &AppState, base: &BaseUrl, rt: Option<String>, id: Optio
     if offset > 0 {
         links.push(json!({"relation": "previous", "url": link((offset - count).max(0))}));
     }
-    Ok(fhir_json(StatusCode::OK, &bundle("history", Some(total), links, entries)))
+    Ok(fhir_json(
+        StatusCode::OK,
+        &bundle("history", Some(total), links, entries),
+    ))
 }
 
 pub async fn instance(

@@ -17,7 +17,13 @@ pub struct Written {
     pub created: bool,
 }
 
-fn new_version(mut resource: Value, rt: &str, id: &str, version_id: i64, method: &'static str) -> NewVersion {
+fn new_version(
+    mut resource: Value,
+    rt: &str,
+    id: &str,
+    version_id: i64,
+    method: &'static str,
+) -> NewVersion {
     let now = now_micros();
     stamp(&mut resource, id, version_id, &format_instant(now));
     let index = Definitions::get().search.extract(&resource);
@@ -47,12 +53,16 @@ fn stored_of(v: NewVersion) -> StoredResource {
 fn conflict(e: StoreError, if_match: bool) -> ApiError {
     match e {
         StoreError::VersionConflict { resource_type, id } if if_match => {
-            ApiError::PreconditionFailed(format!("{resource_type}/{id} was changed by another request"))
+            ApiError::PreconditionFailed(format!(
+                "{resource_type}/{id} was changed by another request"
+            ))
         }
-        StoreError::VersionConflict { resource_type, id } => {
-            ApiError::Conflict(format!("{resource_type}/{id} was changed by another request at the same time: retry"))
+        StoreError::VersionConflict { resource_type, id } => ApiError::Conflict(format!(
+            "{resource_type}/{id} was changed by another request at the same time: retry"
+        )),
+        other if other.is_conflict() => {
+            ApiError::Conflict(format!("conflicting concurrent write: {other}"))
         }
-        other if other.is_conflict() => ApiError::Conflict(format!("conflicting concurrent write: {other}")),
         other => other.into(),
     }
 }
@@ -62,16 +72,25 @@ pub async fn create(tx: &mut dyn StoreTx, resource: Value, id: &str) -> ApiResul
     let rt = resource_type(&resource)?.to_string();
     let v = new_version(resource, &rt, id, 1, "POST");
     tx.write(&v).await.map_err(|e| conflict(e, false))?;
-    Ok(Written { stored: stored_of(v), created: true })
+    Ok(Written {
+        stored: stored_of(v),
+        created: true,
+    })
 }
 
 /// Resolve the search of a conditional interaction: none, exactly one, or a 412 for several.
 /// The lock makes two identical conditional creates run one after the other, on every backend.
-pub async fn conditional_match(tx: &mut dyn StoreTx, rt: &str, query: &str) -> ApiResult<Option<String>> {
+pub async fn conditional_match(
+    tx: &mut dyn StoreTx,
+    rt: &str,
+    query: &str,
+) -> ApiResult<Option<String>> {
     let request = SearchRequest::from_query(query);
     let parsed = parse_search(rt, &request, false)?;
     if parsed.query.conditions.is_empty() {
-        return Err(ApiError::BadRequest(format!("the conditional search '{query}' has no search criteria")));
+        return Err(ApiError::BadRequest(format!(
+            "the conditional search '{query}' has no search criteria"
+        )));
     }
     tx.lock(&format!("{rt}?{}", request.canonical())).await?;
     let ids = tx.search_ids(&parsed.query).await?;
@@ -85,19 +104,35 @@ pub async fn conditional_match(tx: &mut dyn StoreTx, rt: &str, query: &str) -> A
 }
 
 /// Conditional create: the existing match, or a new resource.
-pub async fn create_if_none_exist(tx: &mut dyn StoreTx, resource: Value, id: &str, query: &str) -> ApiResult<Written> {
+pub async fn create_if_none_exist(
+    tx: &mut dyn StoreTx,
+    resource: Value,
+    id: &str,
+    query: &str,
+) -> ApiResult<Written> {
     let rt = resource_type(&resource)?.to_string();
     match conditional_match(tx, &rt, query).await? {
         Some(existing) => {
-            let stored = tx.current(&rt, &existing).await?.ok_or_else(|| ApiError::NotFound(existing.clone()))?;
-            Ok(Written { stored, created: false })
+            let stored = tx
+                .current(&rt, &existing)
+                .await?
+                .ok_or_else(|| ApiError::NotFound(existing.clone()))?;
+            Ok(Written {
+                stored,
+                created: false,
+            })
         }
         None => create(tx, resource, id).await,
     }
 }
 
 /// Update (or create with a client-assigned id). `if_match` is the version the client saw.
-pub async fn update(tx: &mut dyn StoreTx, resource: Value, id: &str, if_match: Option<i64>) -> ApiResult<Written> {
+pub async fn update(
+    tx: &mut dyn StoreTx,
+    resource: Value,
+    id: &str,
+    if_match: Option<i64>,
+) -> ApiResult<Written> {
     let rt = resource_type(&resource)?.to_string();
     let current = tx.current(&rt, id).await?;
     if let Some(expected) = if_match {
@@ -109,21 +144,37 @@ pub async fn update(tx: &mut dyn StoreTx, resource: Value, id: &str, if_match: O
                     c.version_id
                 )));
             }
-            None => return Err(ApiError::PreconditionFailed(format!("{rt}/{id} does not exist (If-Match given)"))),
+            None => {
+                return Err(ApiError::PreconditionFailed(format!(
+                    "{rt}/{id} does not exist (If-Match given)"
+                )));
+            }
         }
     }
     let created = current.as_ref().is_none_or(|c| c.deleted);
     let version = current.map_or(1, |c| c.version_id + 1);
     let v = new_version(resource, &rt, id, version, "PUT");
-    tx.write(&v).await.map_err(|e| conflict(e, if_match.is_some()))?;
-    Ok(Written { stored: stored_of(v), created })
+    tx.write(&v)
+        .await
+        .map_err(|e| conflict(e, if_match.is_some()))?;
+    Ok(Written {
+        stored: stored_of(v),
+        created,
+    })
 }
 
 /// Delete: a tombstone version. Deleting what is absent or already deleted changes nothing.
-pub async fn delete(tx: &mut dyn StoreTx, rt: &str, id: &str, if_match: Option<i64>) -> ApiResult<Option<StoredResource>> {
+pub async fn delete(
+    tx: &mut dyn StoreTx,
+    rt: &str,
+    id: &str,
+    if_match: Option<i64>,
+) -> ApiResult<Option<StoredResource>> {
     let Some(current) = tx.current(rt, id).await? else {
         return match if_match {
-            Some(_) => Err(ApiError::PreconditionFailed(format!("{rt}/{id} does not exist (If-Match given)"))),
+            Some(_) => Err(ApiError::PreconditionFailed(format!(
+                "{rt}/{id} does not exist (If-Match given)"
+            ))),
             None => Ok(None),
         };
     };
@@ -147,12 +198,16 @@ pub async fn delete(tx: &mut dyn StoreTx, rt: &str, id: &str, if_match: Option<i
         method: "DELETE",
         index: vec![],
     };
-    tx.write(&v).await.map_err(|e| conflict(e, if_match.is_some()))?;
+    tx.write(&v)
+        .await
+        .map_err(|e| conflict(e, if_match.is_some()))?;
     Ok(Some(stored_of(v)))
 }
 
 /// Parse an `If-Match` value (`W/"3"`, `"3"` or `3`).
 pub fn parse_etag(v: &str) -> ApiResult<i64> {
     let t = v.trim().trim_start_matches("W/").trim_matches('"');
-    t.parse().map_err(|_| ApiError::BadRequest(format!("If-Match '{v}' is not a version ETag like W/\"3\"")))
+    t.parse().map_err(|_| {
+        ApiError::BadRequest(format!("If-Match '{v}' is not a version ETag like W/\"3\""))
+    })
 }

@@ -73,7 +73,11 @@ pub fn capability_statement(base: &str) -> Value {
     })
 }
 
-pub async fn metadata(RawQuery(query): RawQuery, headers: HeaderMap, base: BaseUrl) -> ApiResult<Response> {
+pub async fn metadata(
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    base: BaseUrl,
+) -> ApiResult<Response> {
     negotiate(&headers, query.as_deref())?;
     Ok(fhir_json(StatusCode::OK, &capability_statement(&base.0)))
 }

@@ -30,7 +30,9 @@ pub fn require_type(rt: &str) -> ApiResult<()> {
     if crate::fhir::is_served(rt) {
         Ok(())
     } else {
-        Err(ApiError::NotFound(format!("resource type '{rt}' is not supported by this server (see /fhir/metadata)")))
+        Err(ApiError::NotFound(format!(
+            "resource type '{rt}' is not supported by this server (see /fhir/metadata)"
+        )))
     }
 }
 
@@ -49,11 +51,17 @@ pub fn router(state: AppState) -> Router {
         .route("/_history", get(history::system))
         .route(
             "/{type}",
-            get(search::search_type).post(crud::create).put(crud::conditional_update).delete(crud::conditional_delete),
+            get(search::search_type)
+                .post(crud::create)
+                .put(crud::conditional_update)
+                .delete(crud::conditional_delete),
         )
         .route("/{type}/_search", post(search::search_post))
         .route("/{type}/_history", get(history::type_level))
-        .route("/{type}/{id}", get(crud::read).put(crud::update).delete(crud::delete))
+        .route(
+            "/{type}/{id}",
+            get(crud::read).put(crud::update).delete(crud::delete),
+        )
         .route("/{type}/{id}/_history", get(history::instance))
         .route("/{type}/{id}/_history/{vid}", get(crud::vread))
         .method_not_allowed_fallback(method_not_allowed)

@@ -14,17 +14,29 @@ pub fn etag(version: i64) -> String {
 }
 
 pub fn parse_body(stored: &StoredResource) -> ApiResult<Value> {
-    let text = stored.body.as_deref().ok_or_else(|| ApiError::Gone(format!("{}/{} is deleted", stored.resource_type, stored.id)))?;
-    serde_json::from_str(text).map_err(|e| ApiError::BadRequest(format!("stored resource is unreadable: {e}")))
+    let text = stored.body.as_deref().ok_or_else(|| {
+        ApiError::Gone(format!("{}/{} is deleted", stored.resource_type, stored.id))
+    })?;
+    serde_json::from_str(text)
+        .map_err(|e| ApiError::BadRequest(format!("stored resource is unreadable: {e}")))
 }
 
 pub fn version_url(base: &BaseUrl, s: &StoredResource) -> String {
-    format!("{}/{}/{}/_history/{}", base.0, s.resource_type, s.id, s.version_id)
+    format!(
+        "{}/{}/{}/_history/{}",
+        base.0, s.resource_type, s.id, s.version_id
+    )
 }
 
 /// A single-resource response: the body `Prefer` asks for, ETag, Last-Modified, and Location
 /// when a version was written.
-pub fn resource_response(status: StatusCode, stored: &StoredResource, prefer: Prefer, base: &BaseUrl, location: bool) -> Response {
+pub fn resource_response(
+    status: StatusCode,
+    stored: &StoredResource,
+    prefer: Prefer,
+    base: &BaseUrl,
+    location: bool,
+) -> Response {
     let mut resp = match prefer.ret {
         ReturnPref::Representation => match &stored.body {
             Some(text) => raw_json(status, text.clone()),
@@ -36,7 +48,10 @@ pub fn resource_response(status: StatusCode, stored: &StoredResource, prefer: Pr
             &operation_outcome(&[Issue {
                 severity: Severity::Information,
                 code: "informational",
-                diagnostics: format!("{}/{} version {} stored", stored.resource_type, stored.id, stored.version_id),
+                diagnostics: format!(
+                    "{}/{} version {} stored",
+                    stored.resource_type, stored.id, stored.version_id
+                ),
                 expression: None,
             }]),
         ),
@@ -61,7 +76,11 @@ fn empty(status: StatusCode) -> Response {
 }
 
 /// A searchset / history entry for a stored version.
-pub fn bundle_entry_json(base: &BaseUrl, s: &StoredResource, mode: Option<&str>) -> ApiResult<Value> {
+pub fn bundle_entry_json(
+    base: &BaseUrl,
+    s: &StoredResource,
+    mode: Option<&str>,
+) -> ApiResult<Value> {
     let mut e = json!({"fullUrl": format!("{}/{}/{}", base.0, s.resource_type, s.id)});
     if s.body.is_some() {
         e["resource"] = parse_body(s)?;

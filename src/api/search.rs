@@ -26,7 +26,11 @@ pub struct SearchRequest {
 
 impl SearchRequest {
     pub fn from_query(q: &str) -> Self {
-        SearchRequest { pairs: form_urlencoded::parse(q.trim_start_matches('?').as_bytes()).into_owned().collect() }
+        SearchRequest {
+            pairs: form_urlencoded::parse(q.trim_start_matches('?').as_bytes())
+                .into_owned()
+                .collect(),
+        }
     }
 
     /// Order-independent form (lock keys for conditional create).
@@ -37,7 +41,9 @@ impl SearchRequest {
     }
 
     fn encode(pairs: &[(String, String)]) -> String {
-        form_urlencoded::Serializer::new(String::new()).extend_pairs(pairs).finish()
+        form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(pairs)
+            .finish()
     }
 }
 
@@ -60,11 +66,24 @@ pub struct ParsedSearch {
 }
 
 /// Parameters that control the result rather than select resources.
-const RESULT_PARAMS: &[&str] =
-    &["_count", "_offset", "_sort", "_total", "_summary", "_format", "_pretty", "_include", "_revinclude"];
+const RESULT_PARAMS: &[&str] = &[
+    "_count",
+    "_offset",
+    "_sort",
+    "_total",
+    "_summary",
+    "_format",
+    "_pretty",
+    "_include",
+    "_revinclude",
+];
 
 fn bad(param: &str, msg: String) -> ApiError {
-    ApiError::invalid(vec![Issue::error("processing", msg, Some(param.to_string()))])
+    ApiError::invalid(vec![Issue::error(
+        "processing",
+        msg,
+        Some(param.to_string()),
+    )])
 }
 
 /// Split a parameter value on commas that are not escaped (`\,`).
@@ -73,7 +92,9 @@ fn split_or(value: &str) -> Vec<String> {
     let mut chars = value.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
-            '\\' if matches!(chars.peek(), Some(',' | '|' | '$' | '\\')) => out.last_mut().unwrap().push(chars.next().unwrap()),
+            '\\' if matches!(chars.peek(), Some(',' | '|' | '$' | '\\')) => {
+                out.last_mut().unwrap().push(chars.next().unwrap())
+            }
             ',' => out.push(String::new()),
             other => out.last_mut().unwrap().push(other),
         }
@@ -83,7 +104,12 @@ fn split_or(value: &str) -> Vec<String> {
 
 pub fn parse_search(rt: &str, req: &SearchRequest, lenient: bool) -> ApiResult<ParsedSearch> {
     let defs = Definitions::get();
-    let mut q = SearchQuery { resource_type: rt.to_string(), count: 50, total: true, ..Default::default() };
+    let mut q = SearchQuery {
+        resource_type: rt.to_string(),
+        count: 50,
+        total: true,
+        ..Default::default()
+    };
     let mut parsed = ParsedSearch {
         query: SearchQuery::default(),
         includes: vec![],
@@ -100,11 +126,15 @@ pub fn parse_search(rt: &str, req: &SearchRequest, lenient: bool) -> ApiResult<P
         if RESULT_PARAMS.contains(&name) {
             match name {
                 "_count" => {
-                    let n: i64 = value.parse().map_err(|_| bad(key, format!("_count '{value}' is not a number")))?;
+                    let n: i64 = value
+                        .parse()
+                        .map_err(|_| bad(key, format!("_count '{value}' is not a number")))?;
                     q.count = n.clamp(0, 1000);
                 }
                 "_offset" => {
-                    let n: i64 = value.parse().map_err(|_| bad(key, format!("_offset '{value}' is not a number")))?;
+                    let n: i64 = value
+                        .parse()
+                        .map_err(|_| bad(key, format!("_offset '{value}' is not a number")))?;
                     q.offset = n.max(0);
                 }
                 "_sort" => {
@@ -113,18 +143,32 @@ pub fn parse_search(rt: &str, req: &SearchRequest, lenient: bool) -> ApiResult<P
                         "-_lastUpdated" => Sort::LastUpdatedDesc,
                         "_id" => Sort::IdAsc,
                         "-_id" => Sort::IdDesc,
-                        other => return Err(bad(key, format!("_sort={other} is not supported (use _lastUpdated or _id)"))),
+                        other => {
+                            return Err(bad(
+                                key,
+                                format!("_sort={other} is not supported (use _lastUpdated or _id)"),
+                            ));
+                        }
                     };
                     parsed.criteria.push((key.clone(), value.clone()));
                 }
                 "_summary" if value == "count" => parsed.summary_count = true,
                 "_summary" if value == "false" => {}
-                "_summary" => return Err(bad(key, format!("_summary={value} is not supported (use count)"))),
+                "_summary" => {
+                    return Err(bad(
+                        key,
+                        format!("_summary={value} is not supported (use count)"),
+                    ));
+                }
                 "_total" if matches!(value.as_str(), "accurate" | "estimate" | "none") => {}
                 "_total" => return Err(bad(key, format!("_total={value} is not valid"))),
                 "_include" | "_revinclude" => {
                     let inc = parse_include(key, value, name == "_revinclude", rt)?;
-                    if name == "_include" { parsed.includes.push(inc) } else { parsed.revincludes.push(inc) }
+                    if name == "_include" {
+                        parsed.includes.push(inc)
+                    } else {
+                        parsed.revincludes.push(inc)
+                    }
                     parsed.criteria.push((key.clone(), value.clone()));
                 }
                 _ => {}
@@ -153,20 +197,40 @@ fn parse_include(key: &str, value: &str, rev: bool, rt: &str) -> ApiResult<Inclu
     let (source, param, target) = match parts.as_slice() {
         [s, p] => (*s, *p, None),
         [s, p, t] => (*s, *p, Some(t.to_string())),
-        _ => return Err(bad(key, format!("{key}={value} must be Type:parameter[:TargetType]"))),
+        _ => {
+            return Err(bad(
+                key,
+                format!("{key}={value} must be Type:parameter[:TargetType]"),
+            ));
+        }
     };
     if !rev && source != rt {
-        return Err(bad(key, format!("_include={value}: the source type must be {rt}")));
+        return Err(bad(
+            key,
+            format!("_include={value}: the source type must be {rt}"),
+        ));
     }
     let sp = Definitions::get()
         .search
         .get(source, param)
         .filter(|sp| sp.kind == ParamType::Reference)
-        .ok_or_else(|| bad(key, format!("{key}={value}: {source} has no reference parameter '{param}'")))?;
+        .ok_or_else(|| {
+            bad(
+                key,
+                format!("{key}={value}: {source} has no reference parameter '{param}'"),
+            )
+        })?;
     if rev && !sp.targets.is_empty() && !sp.targets.iter().any(|t| t == rt) {
-        return Err(bad(key, format!("_revinclude={value}: {source}.{param} never points to {rt}")));
+        return Err(bad(
+            key,
+            format!("_revinclude={value}: {source}.{param} never points to {rt}"),
+        ));
     }
-    Ok(Include { source_type: source.to_string(), param: param.to_string(), target_type: target })
+    Ok(Include {
+        source_type: source.to_string(),
+        param: param.to_string(),
+        target_type: target,
+    })
 }
 
 fn parse_condition(
@@ -191,7 +255,9 @@ fn parse_condition(
                 .iter()
                 .map(|v| {
                     let (p, rest) = Prefix::split(v);
-                    parse_range(rest).map(|r| (p, r)).ok_or_else(|| bad(&key, format!("'{v}' is not a valid date")))
+                    parse_range(rest)
+                        .map(|r| (p, r))
+                        .ok_or_else(|| bad(&key, format!("'{v}' is not a valid date")))
                 })
                 .collect::<ApiResult<_>>()?;
             return Ok(Condition::LastUpdated(ranges));
@@ -207,7 +273,10 @@ fn parse_condition(
             "false" => false,
             other => return Err(bad(&key, format!("{key}={other}: use true or false"))),
         };
-        return Ok(Condition::Missing { param: sp.code.clone(), missing });
+        return Ok(Condition::Missing {
+            param: sp.code.clone(),
+            missing,
+        });
     }
     let mut negate = false;
     let mut any_of = Vec::new();
@@ -216,41 +285,80 @@ fn parse_condition(
             (ParamType::Token, None | Some("not")) => {
                 negate = modifier == Some("not");
                 match v.split_once('|') {
-                    Some(("", code)) => Match::Exact { value: code.to_string(), system: SystemMatch::Absent },
+                    Some(("", code)) => Match::Exact {
+                        value: code.to_string(),
+                        system: SystemMatch::Absent,
+                    },
                     Some((sys, "")) => Match::System(sys.to_string()),
-                    Some((sys, code)) => Match::Exact { value: code.to_string(), system: SystemMatch::Is(sys.to_string()) },
-                    None => Match::Exact { value: v.clone(), system: SystemMatch::Any },
+                    Some((sys, code)) => Match::Exact {
+                        value: code.to_string(),
+                        system: SystemMatch::Is(sys.to_string()),
+                    },
+                    None => Match::Exact {
+                        value: v.clone(),
+                        system: SystemMatch::Any,
+                    },
                 }
             }
             (ParamType::String, None) => Match::StartsWith(normalize(v)),
-            (ParamType::String, Some("exact")) => Match::Exact { value: normalize(v), system: SystemMatch::Any },
+            (ParamType::String, Some("exact")) => Match::Exact {
+                value: normalize(v),
+                system: SystemMatch::Any,
+            },
             (ParamType::String, Some("contains")) => Match::Contains(normalize(v)),
-            (ParamType::Uri, None) => Match::Exact { value: v.clone(), system: SystemMatch::Any },
+            (ParamType::Uri, None) => Match::Exact {
+                value: v.clone(),
+                system: SystemMatch::Any,
+            },
             (ParamType::Date, None) => {
                 let (p, rest) = Prefix::split(v);
-                let r = parse_range(rest).ok_or_else(|| bad(&key, format!("'{v}' is not a valid date")))?;
+                let r = parse_range(rest)
+                    .ok_or_else(|| bad(&key, format!("'{v}' is not a valid date")))?;
                 Match::Date(p, r)
             }
             (ParamType::Reference, m) => reference_match(&key, v, m, &sp.targets)?,
             (kind, Some(m)) => {
-                return Err(bad(&key, format!("modifier :{m} is not supported for {} parameter {name}", kind.as_str())));
+                return Err(bad(
+                    &key,
+                    format!(
+                        "modifier :{m} is not supported for {} parameter {name}",
+                        kind.as_str()
+                    ),
+                ));
             }
         };
         any_of.push(m);
     }
-    Ok(Condition::Index { param: sp.code.clone(), any_of, negate })
+    Ok(Condition::Index {
+        param: sp.code.clone(),
+        any_of,
+        negate,
+    })
 }
 
-fn reference_match(key: &str, v: &str, modifier: Option<&str>, targets: &[String]) -> ApiResult<Match> {
-    let exact = |t: &str, id: &str| Match::Exact { value: format!("{t}/{id}"), system: SystemMatch::Any };
+fn reference_match(
+    key: &str,
+    v: &str,
+    modifier: Option<&str>,
+    targets: &[String],
+) -> ApiResult<Match> {
+    let exact = |t: &str, id: &str| Match::Exact {
+        value: format!("{t}/{id}"),
+        system: SystemMatch::Any,
+    };
     match modifier {
         None => Ok(match split_reference(v) {
             Some((t, id)) => exact(t, id),
             None if targets.len() == 1 => exact(&targets[0], v),
             None => Match::AnyTypeId(v.to_string()),
         }),
-        Some(t) if t.starts_with(|c: char| c.is_ascii_uppercase()) && crate::fhir::is_served(t) => Ok(exact(t, v)),
-        Some(m) => Err(bad(key, format!("modifier :{m} is not supported for reference parameters"))),
+        Some(t) if t.starts_with(|c: char| c.is_ascii_uppercase()) && crate::fhir::is_served(t) => {
+            Ok(exact(t, v))
+        }
+        Some(m) => Err(bad(
+            key,
+            format!("modifier :{m} is not supported for reference parameters"),
+        )),
     }
 }
 
@@ -280,16 +388,28 @@ pub async fn search_post(
 ) -> ApiResult<Response> {
     negotiate(&headers, query.as_deref())?;
     super::require_type(&rt)?;
-    let ct = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let ct = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if !ct.starts_with("application/x-www-form-urlencoded") {
-        return Err(ApiError::UnsupportedMediaType("POST _search takes application/x-www-form-urlencoded".into()));
+        return Err(ApiError::UnsupportedMediaType(
+            "POST _search takes application/x-www-form-urlencoded".into(),
+        ));
     }
     let mut req = SearchRequest::from_query(query.as_deref().unwrap_or(""));
-    req.pairs.extend(SearchRequest::from_query(&String::from_utf8_lossy(&body)).pairs);
+    req.pairs
+        .extend(SearchRequest::from_query(&String::from_utf8_lossy(&body)).pairs);
     run_search(&state, &rt, req, prefer, &base).await
 }
 
-async fn run_search(state: &AppState, rt: &str, req: SearchRequest, prefer: Prefer, base: &BaseUrl) -> ApiResult<Response> {
+async fn run_search(
+    state: &AppState,
+    rt: &str,
+    req: SearchRequest,
+    prefer: Prefer,
+    base: &BaseUrl,
+) -> ApiResult<Response> {
     let mut parsed = parse_search(rt, &req, prefer.lenient)?;
     if parsed.summary_count {
         parsed.query.count = 0;
@@ -322,7 +442,10 @@ async fn run_search(state: &AppState, rt: &str, req: SearchRequest, prefer: Pref
         }
         let targets: Vec<String> = ids.iter().map(|id| format!("{rt}/{id}")).collect();
         for inc in &parsed.revincludes {
-            for r in store.referencing(&inc.source_type, &inc.param, &targets).await? {
+            for r in store
+                .referencing(&inc.source_type, &inc.param, &targets)
+                .await?
+            {
                 if seen.insert((r.resource_type.clone(), r.id.clone())) {
                     entries.push(bundle_entry_json(base, &r, Some("include"))?);
                 }
@@ -345,7 +468,11 @@ async fn run_search(state: &AppState, rt: &str, req: SearchRequest, prefer: Pref
         if q.offset > 0 {
             links.push(json!({"relation": "previous", "url": link((q.offset - q.count).max(0))}));
         }
-        let last = if total == 0 { 0 } else { ((total - 1) / q.count) * q.count };
+        let last = if total == 0 {
+            0
+        } else {
+            ((total - 1) / q.count) * q.count
+        };
         links.push(json!({"relation": "last", "url": link(last)}));
     }
     if !parsed.warnings.is_empty() {

@@ -17,13 +17,16 @@ pub fn now_micros() -> i64 {
 
 /// `2026-11-26T11:25:17.123456Z`, the form used for meta.lastUpdated.
 pub fn format_instant(micros: i64) -> String {
-    let t = OffsetDateTime::from_unix_timestamp_nanos(micros as i128 * 1000).unwrap_or(OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    let t = OffsetDateTime::from_unix_timestamp_nanos(micros as i128 * 1000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 /// HTTP-date (RFC 7231) for Last-Modified.
 pub fn format_http_date(micros: i64) -> String {
-    let t = OffsetDateTime::from_unix_timestamp_nanos(micros as i128 * 1000).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let t = OffsetDateTime::from_unix_timestamp_nanos(micros as i128 * 1000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
     let f = time::macros::format_description!(
         "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
     );
@@ -44,8 +47,12 @@ pub fn parse_range(s: &str) -> Option<Range> {
     };
     let mut it = date_part.split('-');
     let year: i32 = it.next().filter(|y| y.len() == 4)?.parse().ok()?;
-    let month = it.next().map(|m| (m.len() == 2).then(|| m.parse::<u8>().ok()).flatten());
-    let day = it.next().map(|d| (d.len() == 2).then(|| d.parse::<u8>().ok()).flatten());
+    let month = it
+        .next()
+        .map(|m| (m.len() == 2).then(|| m.parse::<u8>().ok()).flatten());
+    let day = it
+        .next()
+        .map(|d| (d.len() == 2).then(|| d.parse::<u8>().ok()).flatten());
     if it.next().is_some() {
         return None;
     }
@@ -55,18 +62,31 @@ pub fn parse_range(s: &str) -> Option<Range> {
         (None, None, None) => {
             let start = Date::from_calendar_date(year, Month::January, 1).ok()?;
             let end = Date::from_calendar_date(year + 1, Month::January, 1).ok()?;
-            Some(Range { start: at(start), end: at(end) })
+            Some(Range {
+                start: at(start),
+                end: at(end),
+            })
         }
         (Some(Some(m)), None, None) => {
             let month = Month::try_from(m).ok()?;
             let start = Date::from_calendar_date(year, month, 1).ok()?;
-            let (ny, nm) = if m == 12 { (year + 1, Month::January) } else { (year, month.next()) };
+            let (ny, nm) = if m == 12 {
+                (year + 1, Month::January)
+            } else {
+                (year, month.next())
+            };
             let end = Date::from_calendar_date(ny, nm, 1).ok()?;
-            Some(Range { start: at(start), end: at(end) })
+            Some(Range {
+                start: at(start),
+                end: at(end),
+            })
         }
         (Some(Some(m)), Some(Some(d)), None) => {
             let date = Date::from_calendar_date(year, Month::try_from(m).ok()?, d).ok()?;
-            Some(Range { start: at(date), end: at(date.next_day()?) })
+            Some(Range {
+                start: at(date),
+                end: at(date.next_day()?),
+            })
         }
         (Some(Some(m)), Some(Some(d)), Some(t)) => {
             let date = Date::from_calendar_date(year, Month::try_from(m).ok()?, d).ok()?;
@@ -85,7 +105,12 @@ fn parse_time(date: Date, t: &str) -> Option<Range> {
         _ => {
             let sign: i8 = if tz.starts_with('-') { -1 } else { 1 };
             let (h, m) = tz[1..].split_once(':')?;
-            UtcOffset::from_hms(sign * h.parse::<i8>().ok()?, sign * m.parse::<i8>().ok()?, 0).ok()?
+            UtcOffset::from_hms(
+                sign * h.parse::<i8>().ok()?,
+                sign * m.parse::<i8>().ok()?,
+                0,
+            )
+            .ok()?
         }
     };
     let mut parts = clock.split(':');
@@ -108,7 +133,10 @@ fn parse_time(date: Date, t: &str) -> Option<Range> {
     };
     let time = Time::from_hms_micro(h, m, sec, frac).ok()?;
     let start = micros(PrimitiveDateTime::new(date, time).assume_offset(offset));
-    Some(Range { start, end: start + span })
+    Some(Range {
+        start,
+        end: start + span,
+    })
 }
 
 /// The range of an indexed element value: a date-like string or a Period.
@@ -116,8 +144,16 @@ pub fn value_range(v: &Value) -> Option<Range> {
     match v {
         Value::String(s) => parse_range(s),
         Value::Object(o) if o.contains_key("start") || o.contains_key("end") => {
-            let start = o.get("start").and_then(Value::as_str).and_then(parse_range).map_or(i64::MIN, |r| r.start);
-            let end = o.get("end").and_then(Value::as_str).and_then(parse_range).map_or(i64::MAX, |r| r.end);
+            let start = o
+                .get("start")
+                .and_then(Value::as_str)
+                .and_then(parse_range)
+                .map_or(i64::MIN, |r| r.start);
+            let end = o
+                .get("end")
+                .and_then(Value::as_str)
+                .and_then(parse_range)
+                .map_or(i64::MAX, |r| r.end);
             Some(Range { start, end })
         }
         _ => None,

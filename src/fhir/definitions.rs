@@ -38,7 +38,10 @@ impl Definitions {
 fn bundle_resources(text: &str) -> Vec<Value> {
     let bundle: Value = serde_json::from_str(text).expect("packaged definitions are valid JSON");
     match bundle.get("entry").and_then(Value::as_array) {
-        Some(entries) => entries.iter().filter_map(|e| e.get("resource").cloned()).collect(),
+        Some(entries) => entries
+            .iter()
+            .filter_map(|e| e.get("resource").cloned())
+            .collect(),
         None => Vec::new(),
     }
 }

@@ -67,9 +67,15 @@ fn parse_part(part: &str) -> Option<PathExpr> {
     let resource_type = segments.next()?.to_string();
     let mut steps = Vec::new();
     for seg in segments {
-        if let Some(inner) = seg.strip_prefix("where(resolve() is ").and_then(|s| s.strip_suffix(')')) {
+        if let Some(inner) = seg
+            .strip_prefix("where(resolve() is ")
+            .and_then(|s| s.strip_suffix(')'))
+        {
             steps.push(Step::ResolveIs(inner.trim().to_string()));
-        } else if let Some(t) = seg.strip_prefix("ofType(").and_then(|s| s.strip_suffix(')')) {
+        } else if let Some(t) = seg
+            .strip_prefix("ofType(")
+            .and_then(|s| s.strip_suffix(')'))
+        {
             make_exact(&mut steps, t)?;
         } else if seg.chars().all(|c| c.is_ascii_alphanumeric()) && !seg.is_empty() {
             steps.push(Step::Field(seg.to_string()));
@@ -80,11 +86,16 @@ fn parse_part(part: &str) -> Option<PathExpr> {
     if let Some(t) = as_type {
         make_exact(&mut steps, t)?;
     }
-    (!steps.is_empty()).then_some(PathExpr { resource_type, steps })
+    (!steps.is_empty()).then_some(PathExpr {
+        resource_type,
+        steps,
+    })
 }
 
 fn make_exact(steps: &mut [Step], type_name: &str) -> Option<()> {
-    let Some(Step::Field(name)) = steps.last() else { return None };
+    let Some(Step::Field(name)) = steps.last() else {
+        return None;
+    };
     let mut t = type_name.chars();
     let upper = t.next()?.to_ascii_uppercase().to_string() + t.as_str();
     *steps.last_mut()? = Step::Exact(format!("{name}{upper}"));
@@ -111,17 +122,24 @@ fn split_dots(path: &str) -> Vec<&str> {
 impl PathExpr {
     /// Evaluate on a resource; `type_suffixes` are the capitalised R4 type names that may end a
     /// choice key (`valueQuantity`), so `status` never matches `statusReason`.
-    pub fn evaluate<'a>(&self, resource: &'a Value, type_suffixes: &HashSet<String>) -> Vec<&'a Value> {
+    pub fn evaluate<'a>(
+        &self,
+        resource: &'a Value,
+        type_suffixes: &HashSet<String>,
+    ) -> Vec<&'a Value> {
         let mut nodes = vec![resource];
         for step in &self.steps {
             let mut next = Vec::new();
             for node in nodes {
                 match step {
                     Step::Field(name) => {
-                        let Some(obj) = node.as_object() else { continue };
+                        let Some(obj) = node.as_object() else {
+                            continue;
+                        };
                         for (k, v) in obj {
                             let matches = k == name
-                                || k.strip_prefix(name.as_str()).is_some_and(|rest| type_suffixes.contains(rest));
+                                || k.strip_prefix(name.as_str())
+                                    .is_some_and(|rest| type_suffixes.contains(rest));
                             if matches {
                                 push_flat(&mut next, v);
                             }
@@ -183,7 +201,10 @@ mod tests {
     use serde_json::json;
 
     fn suffixes() -> HashSet<String> {
-        ["DateTime", "Period", "Quantity", "String"].iter().map(|s| s.to_string()).collect()
+        ["DateTime", "Period", "Quantity", "String"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
     }
 
     #[test]
@@ -191,7 +212,10 @@ mod tests {
         let e = "AllergyIntolerance.code | Condition.code | (Observation.effective as dateTime) | Observation.code";
         let parts = parse_for_type(e, "Observation").unwrap();
         assert_eq!(parts.len(), 2);
-        assert_eq!(parts[0].steps, vec![Step::Exact("effectiveDateTime".into())]);
+        assert_eq!(
+            parts[0].steps,
+            vec![Step::Exact("effectiveDateTime".into())]
+        );
     }
 
     #[test]
@@ -206,7 +230,11 @@ mod tests {
 
     #[test]
     fn resolve_is_filters_reference_targets() {
-        let p = &parse_for_type("Observation.subject.where(resolve() is Patient)", "Observation").unwrap()[0];
+        let p = &parse_for_type(
+            "Observation.subject.where(resolve() is Patient)",
+            "Observation",
+        )
+        .unwrap()[0];
         let r = json!({"subject": {"reference": "Patient/1"}});
         assert_eq!(p.evaluate(&r, &suffixes()).len(), 1);
         let r = json!({"subject": {"reference": "http://x/fhir/Group/1/_history/3"}});
@@ -215,6 +243,12 @@ mod tests {
 
     #[test]
     fn unsupported_functions_are_reported() {
-        assert!(parse_for_type("Patient.deceased.exists() and Patient.deceased != false", "Patient").is_err());
+        assert!(
+            parse_for_type(
+                "Patient.deceased.exists() and Patient.deceased != false",
+                "Patient"
+            )
+            .is_err()
+        );
     }
 }

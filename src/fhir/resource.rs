@@ -14,7 +14,11 @@ pub fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         ApiError::invalid(vec![Issue::error(
             "structure",
-            format!("the body is not valid JSON: {e} (line {}, column {})", e.line(), e.column()),
+            format!(
+                "the body is not valid JSON: {e} (line {}, column {})",
+                e.line(),
+                e.column()
+            ),
             None,
         )])
     })
@@ -34,7 +38,11 @@ pub fn resource_type(resource: &Value) -> Result<&str, ApiError> {
             "resourceType is missing: the body is not a FHIR resource",
             Some("resourceType".into()),
         )])),
-        None => Err(ApiError::invalid(vec![Issue::error("structure", "the body must be a JSON object", None)])),
+        None => Err(ApiError::invalid(vec![Issue::error(
+            "structure",
+            "the body must be a JSON object",
+            None,
+        )])),
     }
 }
 
@@ -44,20 +52,28 @@ pub fn resource_type(resource: &Value) -> Result<&str, ApiError> {
 pub fn validate(resource: &Value) -> Result<(), ApiError> {
     let rt = resource_type(resource)?;
     if !super::is_served(rt) {
-        return Err(ApiError::NotFound(format!("resource type {rt} is not supported by this server")));
+        return Err(ApiError::NotFound(format!(
+            "resource type {rt} is not supported by this server"
+        )));
     }
     let mut issues = SchemaValidators::get().validate(resource);
     if issues.is_empty() {
         let defs = Definitions::get();
         issues = defs.structures.validate(resource, &defs.valuesets);
     }
-    if issues.is_empty() { Ok(()) } else { Err(ApiError::invalid(issues)) }
+    if issues.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(issues))
+    }
 }
 
 /// Set `id`, `meta.versionId` and `meta.lastUpdated`, keeping the sender's key order otherwise
 /// (resourceType, id and meta first, as FHIR examples show them).
 pub fn stamp(resource: &mut Value, id: &str, version_id: i64, last_updated: &str) {
-    let Some(obj) = resource.as_object_mut() else { return };
+    let Some(obj) = resource.as_object_mut() else {
+        return;
+    };
     let mut meta = match obj.shift_remove("meta") {
         Some(Value::Object(m)) => m,
         _ => Map::new(),
@@ -66,7 +82,10 @@ pub fn stamp(resource: &mut Value, id: &str, version_id: i64, last_updated: &str
     meta.shift_remove("lastUpdated");
     let mut new_meta = Map::new();
     new_meta.insert("versionId".into(), Value::String(version_id.to_string()));
-    new_meta.insert("lastUpdated".into(), Value::String(last_updated.to_string()));
+    new_meta.insert(
+        "lastUpdated".into(),
+        Value::String(last_updated.to_string()),
+    );
     new_meta.extend(meta);
     let rt = obj.shift_remove("resourceType");
     obj.shift_remove("id");
@@ -81,7 +100,11 @@ pub fn stamp(resource: &mut Value, id: &str, version_id: i64, last_updated: &str
 
 /// Whether a logical id is a valid FHIR id (`[A-Za-z0-9\-\.]{1,64}`).
 pub fn is_valid_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 /// Visit every `Reference.reference` string in a resource, with its FHIRPath.
@@ -130,17 +153,32 @@ mod tests {
     #[test]
     fn missing_status_and_two_values_are_reported_with_paths() {
         let obs = json!({"resourceType": "Observation", "code": {"text": "x"}, "valueString": "a", "valueBoolean": true});
-        let Err(ApiError::Invalid { issues, .. }) = validate(&obs) else { panic!("must be invalid") };
+        let Err(ApiError::Invalid { issues, .. }) = validate(&obs) else {
+            panic!("must be invalid")
+        };
         let exprs: Vec<_> = issues.iter().filter_map(|i| i.expression.clone()).collect();
-        assert!(exprs.contains(&"Observation.status".to_string()), "{issues:?}");
-        assert!(exprs.contains(&"Observation.value".to_string()), "{issues:?}");
+        assert!(
+            exprs.contains(&"Observation.status".to_string()),
+            "{issues:?}"
+        );
+        assert!(
+            exprs.contains(&"Observation.value".to_string()),
+            "{issues:?}"
+        );
     }
 
     #[test]
     fn bad_code_for_required_binding_and_unknown_element() {
         let obs = json!({"resourceType": "Observation", "status": "banana", "code": {"text": "x"}});
-        let Err(ApiError::Invalid { issues, .. }) = validate(&obs) else { panic!("must be invalid") };
-        assert!(issues.iter().any(|i| i.expression.as_deref() == Some("Observation.status")), "{issues:?}");
+        let Err(ApiError::Invalid { issues, .. }) = validate(&obs) else {
+            panic!("must be invalid")
+        };
+        assert!(
+            issues
+                .iter()
+                .any(|i| i.expression.as_deref() == Some("Observation.status")),
+            "{issues:?}"
+        );
         let obs = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "colour": "red"});
         assert!(validate(&obs).is_err());
     }
@@ -148,7 +186,14 @@ mod tests {
     #[test]
     fn empty_objects_are_rejected() {
         let obs = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {}});
-        let Err(ApiError::Invalid { issues, .. }) = validate(&obs) else { panic!("must be invalid") };
-        assert!(issues.iter().any(|i| i.expression.as_deref() == Some("Observation.subject")), "{issues:?}");
+        let Err(ApiError::Invalid { issues, .. }) = validate(&obs) else {
+            panic!("must be invalid")
+        };
+        assert!(
+            issues
+                .iter()
+                .any(|i| i.expression.as_deref() == Some("Observation.subject")),
+            "{issues:?}"
+        );
     }
 }

@@ -23,7 +23,8 @@ impl SchemaValidators {
     pub fn get() -> &'static SchemaValidators {
         static V: OnceLock<SchemaValidators> = OnceLock::new();
         V.get_or_init(|| {
-            let schema: Value = serde_json::from_str(SCHEMA).expect("packaged R4 schema is valid JSON");
+            let schema: Value =
+                serde_json::from_str(SCHEMA).expect("packaged R4 schema is valid JSON");
             let types = super::SERVED_TYPES.iter().chain(VALIDATED.iter()).copied();
             SchemaValidators {
                 validators: types.map(|t| (t, OnceLock::new())).collect(),
@@ -60,7 +61,11 @@ impl SchemaValidators {
             return vec![Issue::error("required", "resourceType is missing", None)];
         };
         let Some(validator) = self.validator(rt) else {
-            return vec![Issue::error("not-supported", format!("resource type {rt} is not supported"), None)];
+            return vec![Issue::error(
+                "not-supported",
+                format!("resource type {rt} is not supported"),
+                None,
+            )];
         };
         validator
             .iter_errors(resource)

@@ -54,7 +54,10 @@ pub struct SearchParam {
 #[derive(Debug, Clone, PartialEq)]
 pub enum IndexValue {
     /// Token (system, code), string (normalised), uri, or reference (`Type/id`) in `value`.
-    Text { system: Option<String>, value: String },
+    Text {
+        system: Option<String>,
+        value: String,
+    },
     Date(Range),
 }
 
@@ -76,13 +79,23 @@ pub const PROFILE_PARAM: &str = "_profile";
 impl SearchParamRegistry {
     pub fn from_resources(resources: &[Value]) -> Self {
         let mut by_type: HashMap<String, BTreeMap<String, SearchParam>> = HashMap::new();
-        for sp in resources.iter().filter(|r| r["resourceType"] == "SearchParameter") {
-            let (Some(code), Some(kind), Some(expr)) =
-                (sp["code"].as_str(), ParamType::parse(sp["type"].as_str().unwrap_or("")), sp["expression"].as_str())
-            else {
+        for sp in resources
+            .iter()
+            .filter(|r| r["resourceType"] == "SearchParameter")
+        {
+            let (Some(code), Some(kind), Some(expr)) = (
+                sp["code"].as_str(),
+                ParamType::parse(sp["type"].as_str().unwrap_or("")),
+                sp["expression"].as_str(),
+            ) else {
                 continue;
             };
-            for base in sp["base"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+            for base in sp["base"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
                 if !super::is_served(base) {
                     continue;
                 }
@@ -90,7 +103,11 @@ impl SearchParamRegistry {
                     Ok(paths) if !paths.is_empty() => {
                         let targets = sp["target"]
                             .as_array()
-                            .map(|t| t.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+                            .map(|t| {
+                                t.iter()
+                                    .filter_map(|x| x.as_str().map(String::from))
+                                    .collect()
+                            })
                             .unwrap_or_default();
                         let param = SearchParam {
                             code: code.to_string(),
@@ -100,15 +117,24 @@ impl SearchParamRegistry {
                             targets,
                             paths,
                         };
-                        by_type.entry(base.to_string()).or_default().insert(code.to_string(), param);
+                        by_type
+                            .entry(base.to_string())
+                            .or_default()
+                            .insert(code.to_string(), param);
                     }
                     Ok(_) => {}
-                    Err(part) => tracing::debug!(code, base, part, "search parameter outside the supported FHIRPath subset"),
+                    Err(part) => tracing::debug!(
+                        code,
+                        base,
+                        part,
+                        "search parameter outside the supported FHIRPath subset"
+                    ),
                 }
             }
         }
         for rt in super::SERVED_TYPES {
-            let paths = fhirpath::parse_for_type(&format!("{rt}.meta.profile"), rt).unwrap_or_default();
+            let paths =
+                fhirpath::parse_for_type(&format!("{rt}.meta.profile"), rt).unwrap_or_default();
             let profile = SearchParam {
                 code: PROFILE_PARAM.into(),
                 url: "http://hl7.org/fhir/SearchParameter/Resource-profile".into(),
@@ -117,10 +143,16 @@ impl SearchParamRegistry {
                 targets: vec![],
                 paths,
             };
-            by_type.entry(rt.to_string()).or_default().insert(PROFILE_PARAM.into(), profile);
+            by_type
+                .entry(rt.to_string())
+                .or_default()
+                .insert(PROFILE_PARAM.into(), profile);
         }
         let type_suffixes = TYPE_NAMES.iter().map(|s| s.to_string()).collect();
-        SearchParamRegistry { by_type, type_suffixes }
+        SearchParamRegistry {
+            by_type,
+            type_suffixes,
+        }
     }
 
     pub fn get(&self, resource_type: &str, code: &str) -> Option<&SearchParam> {
@@ -128,18 +160,26 @@ impl SearchParamRegistry {
     }
 
     pub fn for_type(&self, resource_type: &str) -> impl Iterator<Item = &SearchParam> {
-        self.by_type.get(resource_type).into_iter().flat_map(|m| m.values())
+        self.by_type
+            .get(resource_type)
+            .into_iter()
+            .flat_map(|m| m.values())
     }
 
     /// Every index entry of a resource, over all parameters of its type.
     pub fn extract(&self, resource: &Value) -> Vec<IndexEntry> {
-        let Some(rt) = resource["resourceType"].as_str() else { return vec![] };
+        let Some(rt) = resource["resourceType"].as_str() else {
+            return vec![];
+        };
         let mut out = Vec::new();
         for param in self.for_type(rt) {
             for path in &param.paths {
                 for node in path.evaluate(resource, &self.type_suffixes) {
                     for value in index_values(param.kind, node) {
-                        let entry = IndexEntry { param: param.code.clone(), value };
+                        let entry = IndexEntry {
+                            param: param.code.clone(),
+                            value,
+                        };
                         if !out.contains(&entry) {
                             out.push(entry);
                         }
@@ -153,16 +193,63 @@ impl SearchParamRegistry {
 
 /// The capitalised names of R4 data types that can end a choice key (`valueQuantity`).
 const TYPE_NAMES: &[&str] = &[
-    "Base64Binary", "Boolean", "Canonical", "Code", "Date", "DateTime", "Decimal", "Id", "Instant", "Integer",
-    "Markdown", "Oid", "PositiveInt", "String", "Time", "UnsignedInt", "Uri", "Url", "Uuid", "Address", "Age",
-    "Annotation", "Attachment", "CodeableConcept", "Coding", "ContactPoint", "Count", "Distance", "Duration",
-    "HumanName", "Identifier", "Money", "Period", "Quantity", "Range", "Ratio", "Reference", "SampledData",
-    "Signature", "Timing", "ContactDetail", "Contributor", "DataRequirement", "Expression", "ParameterDefinition",
-    "RelatedArtifact", "TriggerDefinition", "UsageContext", "Dosage", "Meta",
+    "Base64Binary",
+    "Boolean",
+    "Canonical",
+    "Code",
+    "Date",
+    "DateTime",
+    "Decimal",
+    "Id",
+    "Instant",
+    "Integer",
+    "Markdown",
+    "Oid",
+    "PositiveInt",
+    "String",
+    "Time",
+    "UnsignedInt",
+    "Uri",
+    "Url",
+    "Uuid",
+    "Address",
+    "Age",
+    "Annotation",
+    "Attachment",
+    "CodeableConcept",
+    "Coding",
+    "ContactPoint",
+    "Count",
+    "Distance",
+    "Duration",
+    "HumanName",
+    "Identifier",
+    "Money",
+    "Period",
+    "Quantity",
+    "Range",
+    "Ratio",
+    "Reference",
+    "SampledData",
+    "Signature",
+    "Timing",
+    "ContactDetail",
+    "Contributor",
+    "DataRequirement",
+    "Expression",
+    "ParameterDefinition",
+    "RelatedArtifact",
+    "TriggerDefinition",
+    "UsageContext",
+    "Dosage",
+    "Meta",
 ];
 
 fn text(system: Option<&str>, value: &str) -> IndexValue {
-    IndexValue::Text { system: system.map(String::from), value: value.to_string() }
+    IndexValue::Text {
+        system: system.map(String::from),
+        value: value.to_string(),
+    }
 }
 
 fn index_values(kind: ParamType, node: &Value) -> Vec<IndexValue> {
@@ -174,9 +261,18 @@ fn index_values(kind: ParamType, node: &Value) -> Vec<IndexValue> {
             .and_then(fhirpath::split_reference)
             .map(|(t, id)| vec![text(None, &format!("{t}/{id}"))])
             .unwrap_or_default(),
-        ParamType::Date => datetime::value_range(node).map(IndexValue::Date).into_iter().collect(),
-        ParamType::String => string_values(node).into_iter().map(|s| text(None, &normalize(&s))).collect(),
-        ParamType::Uri => node.as_str().map(|s| vec![text(None, s)]).unwrap_or_default(),
+        ParamType::Date => datetime::value_range(node)
+            .map(IndexValue::Date)
+            .into_iter()
+            .collect(),
+        ParamType::String => string_values(node)
+            .into_iter()
+            .map(|s| text(None, &normalize(&s)))
+            .collect(),
+        ParamType::Uri => node
+            .as_str()
+            .map(|s| vec![text(None, s)])
+            .unwrap_or_default(),
     }
 }
 
@@ -188,8 +284,12 @@ fn token_values(node: &Value) -> Vec<IndexValue> {
             if let Some(codings) = o.get("coding").and_then(Value::as_array) {
                 return codings.iter().flat_map(token_values).collect();
             }
-            let code = o.get("code").or_else(|| o.get("value")).and_then(Value::as_str);
-            code.map(|c| vec![text(o.get("system").and_then(Value::as_str), c)]).unwrap_or_default()
+            let code = o
+                .get("code")
+                .or_else(|| o.get("value"))
+                .and_then(Value::as_str);
+            code.map(|c| vec![text(o.get("system").and_then(Value::as_str), c)])
+                .unwrap_or_default()
         }
         _ => vec![],
     }
@@ -200,9 +300,24 @@ fn string_values(node: &Value) -> Vec<String> {
         Value::String(s) => vec![s.clone()],
         Value::Array(a) => a.iter().flat_map(string_values).collect(),
         Value::Object(o) => {
-            const PARTS: &[&str] =
-                &["text", "family", "given", "prefix", "suffix", "line", "city", "district", "state", "postalCode", "country"];
-            PARTS.iter().filter_map(|k| o.get(*k)).flat_map(string_values).collect()
+            const PARTS: &[&str] = &[
+                "text",
+                "family",
+                "given",
+                "prefix",
+                "suffix",
+                "line",
+                "city",
+                "district",
+                "state",
+                "postalCode",
+                "country",
+            ];
+            PARTS
+                .iter()
+                .filter_map(|k| o.get(*k))
+                .flat_map(string_values)
+                .collect()
         }
         _ => vec![],
     }
@@ -242,7 +357,9 @@ mod tests {
         });
         let entries = Definitions::get().search.extract(&obs);
         let has = |p: &str, v: &str| {
-            entries.iter().any(|e| e.param == p && matches!(&e.value, IndexValue::Text { value, .. } if value == v))
+            entries.iter().any(|e| {
+                e.param == p && matches!(&e.value, IndexValue::Text { value, .. } if value == v)
+            })
         };
         assert!(has("code", "600-7"));
         assert!(has("patient", "Patient/p1"));
@@ -250,7 +367,11 @@ mod tests {
         assert!(has("specimen", "Specimen/s1"));
         assert!(has("has-member", "Observation/o2"));
         assert!(has("status", "final"));
-        assert!(entries.iter().any(|e| e.param == "date" && matches!(e.value, IndexValue::Date(_))));
+        assert!(
+            entries
+                .iter()
+                .any(|e| e.param == "date" && matches!(e.value, IndexValue::Date(_)))
+        );
     }
 
     #[test]

@@ -23,6 +23,16 @@ pub struct ElementDef {
     pub binding: Option<String>,
     /// Path of the element whose children this one reuses (`#Observation.referenceRange`).
     pub content_reference: Option<String>,
+    /// The JSON keys the element may appear under (`valueQuantity`, …), with the type each implies
+    /// and the `_key` of its primitive extension; computed once at load.
+    pub keys: Vec<JsonKey>,
+}
+
+#[derive(Debug, Clone)]
+pub struct JsonKey {
+    pub key: String,
+    pub extension_key: String,
+    pub type_code: String,
 }
 
 #[derive(Debug)]
@@ -39,26 +49,57 @@ impl StructureDefinition {
         let mut children: HashMap<String, Vec<ElementDef>> = HashMap::new();
         for el in sd["snapshot"]["element"].as_array()? {
             let path = el["path"].as_str()?;
-            let Some((parent, last)) = path.rsplit_once('.') else { continue };
+            let Some((parent, last)) = path.rsplit_once('.') else {
+                continue;
+            };
             let choice = last.ends_with("[x]");
             let name = last.trim_end_matches("[x]").to_string();
-            let types = el["type"]
+            let types: Vec<String> = el["type"]
                 .as_array()
-                .map(|ts| ts.iter().filter_map(|t| t["code"].as_str().map(String::from)).collect())
+                .map(|ts| {
+                    ts.iter()
+                        .filter_map(|t| t["code"].as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default();
             let binding = (el["binding"]["strength"] == "required")
                 .then(|| el["binding"]["valueSet"].as_str().map(String::from))
                 .flatten();
-            let content_reference = el["contentReference"].as_str().map(|r| r.trim_start_matches('#').to_string());
-            children.entry(parent.to_string()).or_default().push(ElementDef {
-                path: path.to_string(),
-                name,
-                choice,
-                min: el["min"].as_u64().unwrap_or(0) as u32,
-                types,
-                binding,
-                content_reference,
-            });
+            let content_reference = el["contentReference"]
+                .as_str()
+                .map(|r| r.trim_start_matches('#').to_string());
+            let key = |k: String, t: &str| JsonKey {
+                extension_key: format!("_{k}"),
+                key: k,
+                type_code: t.to_string(),
+            };
+            let keys = if choice {
+                types
+                    .iter()
+                    .map(|t: &String| key(format!("{name}{}", upper_first(t)), t))
+                    .collect()
+            } else {
+                vec![key(
+                    name.clone(),
+                    types
+                        .first()
+                        .map(String::as_str)
+                        .unwrap_or("BackboneElement"),
+                )]
+            };
+            children
+                .entry(parent.to_string())
+                .or_default()
+                .push(ElementDef {
+                    keys,
+                    path: path.to_string(),
+                    name,
+                    choice,
+                    min: el["min"].as_u64().unwrap_or(0) as u32,
+                    types,
+                    binding,
+                    content_reference,
+                });
         }
         Some(StructureDefinition {
             url: sd["url"].as_str()?.to_string(),
@@ -81,7 +122,9 @@ impl StructureDefinitions {
     pub fn from_resources(resources: &[Value]) -> Self {
         let by_type = resources
             .iter()
-            .filter(|r| r["resourceType"] == "StructureDefinition" && r["derivation"] != "constraint")
+            .filter(|r| {
+                r["resourceType"] == "StructureDefinition" && r["derivation"] != "constraint"
+            })
             .filter_map(StructureDefinition::from_resource)
             .map(|sd| (sd.type_name.clone(), sd))
             .collect();
@@ -95,9 +138,18 @@ impl StructureDefinitions {
     /// Validate a resource against the base definition of its type.
     pub fn validate(&self, resource: &Value, valuesets: &ValueSets) -> Vec<Issue> {
         let mut issues = Vec::new();
-        let Some(rt) = resource["resourceType"].as_str() else { return issues };
-        let (Some(sd), Some(obj)) = (self.get(rt), resource.as_object()) else { return issues };
-        Walker { defs: self, valuesets, issues: &mut issues }.walk(sd, rt, obj, rt);
+        let Some(rt) = resource["resourceType"].as_str() else {
+            return issues;
+        };
+        let (Some(sd), Some(obj)) = (self.get(rt), resource.as_object()) else {
+            return issues;
+        };
+        Walker {
+            defs: self,
+            valuesets,
+            issues: &mut issues,
+        }
+        .walk(sd, rt, obj, rt);
         issues
     }
 }
@@ -109,44 +161,60 @@ struct Walker<'a> {
 }
 
 fn is_primitive(type_code: &str) -> bool {
-    type_code.starts_with(|c: char| c.is_ascii_lowercase()) || type_code.starts_with("http://hl7.org/fhirpath/")
+    type_code.starts_with(|c: char| c.is_ascii_lowercase())
+        || type_code.starts_with("http://hl7.org/fhirpath/")
 }
 
 fn upper_first(s: &str) -> String {
     let mut c = s.chars();
-    c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
+    c.next()
+        .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+        .unwrap_or_default()
 }
 
 impl Walker<'_> {
-    fn walk(&mut self, sd: &StructureDefinition, sd_path: &str, obj: &Map<String, Value>, expr: &str) {
+    fn walk(
+        &mut self,
+        sd: &StructureDefinition,
+        sd_path: &str,
+        obj: &Map<String, Value>,
+        expr: &str,
+    ) {
         for el in sd.children(sd_path) {
-            // the JSON keys this element may appear under, with the type each implies
-            let keys: Vec<(String, &str)> = if el.choice {
-                el.types.iter().map(|t| (format!("{}{}", el.name, upper_first(t)), t.as_str())).collect()
-            } else {
-                vec![(el.name.clone(), el.types.first().map(String::as_str).unwrap_or("BackboneElement"))]
-            };
-            let present: Vec<&(String, &str)> = keys
+            let mut present = el
+                .keys
                 .iter()
-                .filter(|(k, _)| obj.contains_key(k) || obj.contains_key(&format!("_{k}")))
-                .collect();
-            let el_expr = format!("{expr}.{}", el.name);
-            if present.is_empty() && el.min >= 1 {
+                .filter(|k| obj.contains_key(&k.key) || obj.contains_key(&k.extension_key));
+            let first = present.next();
+            let more = present.next();
+            if first.is_none() && el.min >= 1 {
+                let el_expr = format!("{expr}.{}", el.name);
                 self.issues.push(Issue::error(
                     "required",
                     format!("{} is required (minimum cardinality {})", el.path, el.min),
-                    Some(el_expr.clone()),
+                    Some(el_expr),
                 ));
             }
-            if el.choice && present.len() > 1 {
-                let names: Vec<&str> = present.iter().map(|(k, _)| k.as_str()).collect();
+            if el.choice && more.is_some() {
+                let el_expr = format!("{expr}.{}", el.name);
+                let names: Vec<&str> = el
+                    .keys
+                    .iter()
+                    .filter(|k| obj.contains_key(&k.key))
+                    .map(|k| k.key.as_str())
+                    .collect();
                 self.issues.push(Issue::error(
                     "structure",
-                    format!("only one of {} may be present, found {}", el.path, names.join(", ")),
-                    Some(el_expr.clone()),
+                    format!(
+                        "only one of {} may be present, found {}",
+                        el.path,
+                        names.join(", ")
+                    ),
+                    Some(el_expr),
                 ));
             }
-            for (key, type_code) in present {
+            for k in first.into_iter().chain(more).chain(present) {
+                let (key, type_code) = (&k.key, k.type_code.as_str());
                 let Some(value) = obj.get(key) else { continue };
                 let key_expr = format!("{expr}.{key}");
                 match value {
@@ -170,14 +238,24 @@ impl Walker<'_> {
         ));
     }
 
-    fn item(&mut self, sd: &StructureDefinition, el: &ElementDef, type_code: &str, item: &Value, expr: &str) {
+    fn item(
+        &mut self,
+        sd: &StructureDefinition,
+        el: &ElementDef,
+        type_code: &str,
+        item: &Value,
+        expr: &str,
+    ) {
         if is_primitive(type_code) {
             if let (Some(vs), Some(code), "code") = (&el.binding, item.as_str(), type_code)
                 && self.valuesets.contains(vs, None, code) == Some(false)
             {
                 self.issues.push(Issue::error(
                     "code-invalid",
-                    format!("'{code}' is not a valid code for {} (required binding to {vs})", el.path),
+                    format!(
+                        "'{code}' is not a valid code for {} (required binding to {vs})",
+                        el.path
+                    ),
                     Some(expr.to_string()),
                 ));
             }
@@ -213,7 +291,14 @@ impl Walker<'_> {
         }
     }
 
-    fn check_coded(&mut self, vs: &str, type_code: &str, obj: &Map<String, Value>, el: &ElementDef, expr: &str) {
+    fn check_coded(
+        &mut self,
+        vs: &str,
+        type_code: &str,
+        obj: &Map<String, Value>,
+        el: &ElementDef,
+        expr: &str,
+    ) {
         let coded: Vec<(Option<&str>, &str)> = match type_code {
             "Coding" => obj
                 .get("code")
@@ -223,21 +308,35 @@ impl Walker<'_> {
             "CodeableConcept" => obj
                 .get("coding")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(|c| Some((c["system"].as_str(), c["code"].as_str()?))).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|c| Some((c["system"].as_str(), c["code"].as_str()?)))
+                        .collect()
+                })
                 .unwrap_or_default(),
             _ => return,
         };
         if coded.is_empty() {
             return;
         }
-        let known: Vec<Option<bool>> = coded.iter().map(|(s, c)| self.valuesets.contains(vs, *s, c)).collect();
+        let known: Vec<Option<bool>> = coded
+            .iter()
+            .map(|(s, c)| self.valuesets.contains(vs, *s, c))
+            .collect();
         if known.iter().any(|k| k.is_none() || *k == Some(true)) {
             return;
         }
-        let shown: Vec<String> = coded.iter().map(|(s, c)| format!("{}|{c}", s.unwrap_or(""))).collect();
+        let shown: Vec<String> = coded
+            .iter()
+            .map(|(s, c)| format!("{}|{c}", s.unwrap_or("")))
+            .collect();
         self.issues.push(Issue::error(
             "code-invalid",
-            format!("{} is not in the value set {vs} required for {}", shown.join(", "), el.path),
+            format!(
+                "{} is not in the value set {vs} required for {}",
+                shown.join(", "),
+                el.path
+            ),
             Some(expr.to_string()),
         ));
     }

@@ -56,17 +56,28 @@ fn expand(
         }
         if let Some(nested) = inc.get("valueSet").and_then(Value::as_array) {
             for url in nested.iter().filter_map(Value::as_str) {
-                out.extend(expand(value_sets.get(url)?, value_sets, code_systems, depth + 1)?);
+                out.extend(expand(
+                    value_sets.get(url)?,
+                    value_sets,
+                    code_systems,
+                    depth + 1,
+                )?);
             }
         }
-        let Some(system) = inc.get("system").and_then(Value::as_str) else { continue };
+        let Some(system) = inc.get("system").and_then(Value::as_str) else {
+            continue;
+        };
         match inc.get("concept").and_then(Value::as_array) {
             Some(concepts) => {
                 for c in concepts.iter().filter_map(|c| c["code"].as_str()) {
                     out.insert((system.to_string(), c.to_string()));
                 }
             }
-            None => collect_codes(code_systems.get(system)?["concept"].as_array()?, system, &mut out),
+            None => collect_codes(
+                code_systems.get(system)?["concept"].as_array()?,
+                system,
+                &mut out,
+            ),
         }
     }
     Some(out)

@@ -86,21 +86,40 @@ pub trait Store: Send + Sync {
     fn backend(&self) -> &'static str;
     async fn begin(&self) -> StoreResult<Box<dyn StoreTx>>;
     async fn read(&self, resource_type: &str, id: &str) -> StoreResult<Option<StoredResource>>;
-    async fn read_version(&self, resource_type: &str, id: &str, version: i64) -> StoreResult<Option<StoredResource>>;
+    async fn read_version(
+        &self,
+        resource_type: &str,
+        id: &str,
+        version: i64,
+    ) -> StoreResult<Option<StoredResource>>;
     async fn history(&self, q: &HistoryQuery) -> StoreResult<(Vec<StoredResource>, i64)>;
     async fn search(&self, q: &SearchQuery) -> StoreResult<SearchPage>;
     /// Current versions of the given `(type, id)` references (for `_include`).
     async fn read_many(&self, refs: &[(String, String)]) -> StoreResult<Vec<StoredResource>>;
     /// Values of one reference parameter of the given resources (for `_include`).
-    async fn references_of(&self, resource_type: &str, param: &str, ids: &[String]) -> StoreResult<Vec<String>>;
+    async fn references_of(
+        &self,
+        resource_type: &str,
+        param: &str,
+        ids: &[String],
+    ) -> StoreResult<Vec<String>>;
     /// Resources of `source_type` whose `param` points at one of `targets` (`Type/id`) (for `_revinclude`).
-    async fn referencing(&self, source_type: &str, param: &str, targets: &[String]) -> StoreResult<Vec<StoredResource>>;
+    async fn referencing(
+        &self,
+        source_type: &str,
+        param: &str,
+        targets: &[String],
+    ) -> StoreResult<Vec<StoredResource>>;
 }
 
 /// A database transaction: everything written through it commits together or not at all.
 #[async_trait]
 pub trait StoreTx: Send {
-    async fn current(&mut self, resource_type: &str, id: &str) -> StoreResult<Option<StoredResource>>;
+    async fn current(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+    ) -> StoreResult<Option<StoredResource>>;
     /// Serialise writers that use the same key until this transaction ends (conditional create).
     async fn lock(&mut self, key: &str) -> StoreResult<()>;
     async fn search_ids(&mut self, q: &SearchQuery) -> StoreResult<Vec<String>>;

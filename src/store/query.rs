@@ -19,7 +19,10 @@ pub enum SystemMatch {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Match {
     /// Exact value (token code, uri, reference `Type/id`, exact string), with a system for tokens.
-    Exact { value: String, system: SystemMatch },
+    Exact {
+        value: String,
+        system: SystemMatch,
+    },
     /// `system|`: any code in the system.
     System(String),
     /// Reference by id only (`patient=123`): any type.
@@ -34,8 +37,15 @@ pub enum Condition {
     Id(Vec<String>),
     LastUpdated(Vec<(Prefix, Range)>),
     /// At least one indexed value of `param` matches one of `any_of`; `negate` inverts (`:not`).
-    Index { param: String, any_of: Vec<Match>, negate: bool },
-    Missing { param: String, missing: bool },
+    Index {
+        param: String,
+        any_of: Vec<Match>,
+        negate: bool,
+    },
+    Missing {
+        param: String,
+        missing: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -73,12 +83,17 @@ impl Sql {
 pub const COLUMNS: &str = "r.resource_type, r.id, r.version_id, r.last_updated, r.deleted, r.body";
 
 fn like_escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")
+    s.replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_")
 }
 
 impl SearchQuery {
     fn where_clause(&self, sql: &mut Sql) -> String {
-        let mut parts = vec![format!("r.resource_type = {}", sql.bind(Bind::Text(self.resource_type.clone())))];
+        let mut parts = vec![format!(
+            "r.resource_type = {}",
+            sql.bind(Bind::Text(self.resource_type.clone()))
+        )];
         parts.push("r.deleted = FALSE".into());
         for c in &self.conditions {
             parts.push(condition_sql(c, sql));
@@ -98,7 +113,9 @@ impl SearchQuery {
         };
         let limit = sql.bind(Bind::Int(self.count));
         let offset = sql.bind(Bind::Int(self.offset));
-        sql.text = format!("SELECT {COLUMNS} FROM resources r WHERE {w} ORDER BY {order} LIMIT {limit} OFFSET {offset}");
+        sql.text = format!(
+            "SELECT {COLUMNS} FROM resources r WHERE {w} ORDER BY {order} LIMIT {limit} OFFSET {offset}"
+        );
         sql
     }
 
@@ -121,7 +138,10 @@ impl SearchQuery {
 fn condition_sql(c: &Condition, sql: &mut Sql) -> String {
     match c {
         Condition::Id(ids) => {
-            let ors: Vec<String> = ids.iter().map(|id| format!("r.id = {}", sql.bind(Bind::Text(id.clone())))).collect();
+            let ors: Vec<String> = ids
+                .iter()
+                .map(|id| format!("r.id = {}", sql.bind(Bind::Text(id.clone()))))
+                .collect();
             format!("({})", ors.join(" OR "))
         }
         Condition::LastUpdated(ranges) => {
@@ -131,12 +151,18 @@ fn condition_sql(c: &Condition, sql: &mut Sql) -> String {
                     let ps = sql.bind(Bind::Int(range.start));
                     let pe = sql.bind(Bind::Int(range.end));
                     // a version's lastUpdated is an instant: the range [t, t+1µs)
-                    p.sql(&ps, &pe).replace("s.lo", "r.last_updated").replace("s.hi", "(r.last_updated + 1)")
+                    p.sql(&ps, &pe)
+                        .replace("s.lo", "r.last_updated")
+                        .replace("s.hi", "(r.last_updated + 1)")
                 })
                 .collect();
             format!("({})", ors.join(" OR "))
         }
-        Condition::Index { param, any_of, negate } => {
+        Condition::Index {
+            param,
+            any_of,
+            negate,
+        } => {
             let p = sql.bind(Bind::Text(param.clone()));
             let ors: Vec<String> = any_of.iter().map(|m| match_sql(m, sql)).collect();
             let not = if *negate { "NOT " } else { "" };
@@ -164,15 +190,27 @@ fn match_sql(m: &Match, sql: &mut Sql) -> String {
             match system {
                 SystemMatch::Any => format!("s.value = {v}"),
                 SystemMatch::Absent => format!("(s.value = {v} AND s.system IS NULL)"),
-                SystemMatch::Is(sys) => format!("(s.value = {v} AND s.system = {})", sql.bind(Bind::Text(sys.clone()))),
+                SystemMatch::Is(sys) => format!(
+                    "(s.value = {v} AND s.system = {})",
+                    sql.bind(Bind::Text(sys.clone()))
+                ),
             }
         }
         Match::System(sys) => format!("s.system = {}", sql.bind(Bind::Text(sys.clone()))),
         Match::AnyTypeId(id) => {
-            format!("s.value LIKE {} ESCAPE '\\'", sql.bind(Bind::Text(format!("%/{}", like_escape(id)))))
+            format!(
+                "s.value LIKE {} ESCAPE '\\'",
+                sql.bind(Bind::Text(format!("%/{}", like_escape(id))))
+            )
         }
-        Match::StartsWith(v) => format!("s.value LIKE {} ESCAPE '\\'", sql.bind(Bind::Text(format!("{}%", like_escape(v))))),
-        Match::Contains(v) => format!("s.value LIKE {} ESCAPE '\\'", sql.bind(Bind::Text(format!("%{}%", like_escape(v))))),
+        Match::StartsWith(v) => format!(
+            "s.value LIKE {} ESCAPE '\\'",
+            sql.bind(Bind::Text(format!("{}%", like_escape(v))))
+        ),
+        Match::Contains(v) => format!(
+            "s.value LIKE {} ESCAPE '\\'",
+            sql.bind(Bind::Text(format!("%{}%", like_escape(v))))
+        ),
         Match::Date(prefix, range) => {
             let ps = sql.bind(Bind::Int(range.start));
             let pe = sql.bind(Bind::Int(range.end));
@@ -191,14 +229,22 @@ mod tests {
             resource_type: "Observation".into(),
             conditions: vec![Condition::Index {
                 param: "code".into(),
-                any_of: vec![Match::Exact { value: "600-7".into(), system: SystemMatch::Is("http://loinc.org".into()) }],
+                any_of: vec![Match::Exact {
+                    value: "600-7".into(),
+                    system: SystemMatch::Is("http://loinc.org".into()),
+                }],
                 negate: false,
             }],
             count: 10,
             ..Default::default()
         };
         let sql = q.page_sql();
-        assert!(sql.text.contains("s.param = $2 AND ((s.value = $3 AND s.system = $4))"), "{}", sql.text);
+        assert!(
+            sql.text
+                .contains("s.param = $2 AND ((s.value = $3 AND s.system = $4))"),
+            "{}",
+            sql.text
+        );
         assert!(sql.text.ends_with("LIMIT $5 OFFSET $6"));
         assert_eq!(sql.binds.len(), 6);
     }

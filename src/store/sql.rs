@@ -10,7 +10,10 @@ use async_trait::async_trait;
 use sqlx::{AssertSqlSafe, Row};
 
 use super::query::{Bind, COLUMNS, SearchQuery, Sql};
-use super::{HistoryQuery, NewVersion, SearchPage, SharedStore, Store, StoreError, StoreResult, StoreTx, StoredResource};
+use super::{
+    HistoryQuery, NewVersion, SearchPage, SharedStore, Store, StoreError, StoreResult, StoreTx,
+    StoredResource,
+};
 use crate::fhir::search_params::IndexValue;
 
 /// Open the database named by a URL (`sqlite://PATH`, `postgres://…`) and run its migrations.
@@ -38,13 +41,24 @@ fn lock_key(key: &str) -> i64 {
 }
 
 fn index_insert_sql(rows: usize) -> String {
-    let mut text = String::from("INSERT INTO search_index (resource_type, id, param, system, value, lo, hi) VALUES ");
+    let mut text = String::from(
+        "INSERT INTO search_index (resource_type, id, param, system, value, lo, hi) VALUES ",
+    );
     for r in 0..rows {
         let b = r * 7;
         if r > 0 {
             text.push(',');
         }
-        text.push_str(&format!("(${},${},${},${},${},${},${})", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7));
+        text.push_str(&format!(
+            "(${},${},${},${},${},${},${})",
+            b + 1,
+            b + 2,
+            b + 3,
+            b + 4,
+            b + 5,
+            b + 6,
+            b + 7
+        ));
     }
     text
 }
@@ -357,11 +371,18 @@ macro_rules! sql_backend {
 }
 
 sql_backend!(sqlite_impl, sqlx::Sqlite, "sqlite", None);
-sql_backend!(postgres_impl, sqlx::Postgres, "postgresql", Some("SELECT pg_advisory_xact_lock($1)"));
+sql_backend!(
+    postgres_impl,
+    sqlx::Postgres,
+    "postgresql",
+    Some("SELECT pg_advisory_xact_lock($1)")
+);
 
 mod sqlite {
     use super::*;
-    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+    use sqlx::sqlite::{
+        SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+    };
 
     pub async fn open(url: &str) -> StoreResult<SharedStore> {
         let base = SqliteConnectOptions::from_str(url)?
@@ -373,12 +394,18 @@ mod sqlite {
             .foreign_keys(true);
         // SQLite has one writer at a time: one write connection serialises writers in the process
         // (no SQLITE_BUSY, and conditional create is race-free); readers use their own connections.
-        let write = SqlitePoolOptions::new().max_connections(1).connect_with(base.clone()).await?;
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(base.clone())
+            .await?;
         sqlx::migrate!("./migrations/sqlite").run(&write).await?;
         let read = if url.contains(":memory:") {
             write.clone()
         } else {
-            SqlitePoolOptions::new().max_connections(4).connect_with(base.read_only(true)).await?
+            SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(base.read_only(true))
+                .await?
         };
         Ok(Arc::new(sqlite_impl::SqlStore { write, read }))
     }
@@ -390,8 +417,14 @@ mod postgres {
 
     pub async fn open(url: &str) -> StoreResult<SharedStore> {
         let opts = PgConnectOptions::from_str(url)?;
-        let pool = PgPoolOptions::new().max_connections(16).connect_with(opts).await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .connect_with(opts)
+            .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(Arc::new(postgres_impl::SqlStore { write: pool.clone(), read: pool }))
+        Ok(Arc::new(postgres_impl::SqlStore {
+            write: pool.clone(),
+            read: pool,
+        }))
     }
 }

@@ -11,7 +11,8 @@ use tower::ServiceExt;
 
 /// The PostgreSQL server the tests create their databases on.
 pub fn postgres_admin_url() -> String {
-    std::env::var("SENTINELLA_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    std::env::var("SENTINELLA_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
 pub enum Db {
@@ -49,7 +50,8 @@ impl Resp {
 
 pub fn fixture(name: &str) -> Value {
     let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-    serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture exists")).expect("fixture is JSON")
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture exists"))
+        .expect("fixture is JSON")
 }
 
 impl TestApp {
@@ -58,11 +60,19 @@ impl TestApp {
     }
 
     pub async fn sqlite_with(tune: impl FnOnce(&mut Config)) -> Self {
-        let path = std::env::temp_dir().join(format!("sentinella-test-{}.db", uuid::Uuid::new_v4().simple()));
+        let path = std::env::temp_dir().join(format!(
+            "sentinella-test-{}.db",
+            uuid::Uuid::new_v4().simple()
+        ));
         let mut config = Config::with_database(format!("sqlite://{}", path.display()));
         tune(&mut config);
-        let router = sentinella::server::build_app(config).await.expect("sqlite app starts");
-        TestApp { router, db: Db::Sqlite(path) }
+        let router = sentinella::server::build_app(config)
+            .await
+            .expect("sqlite app starts");
+        TestApp {
+            router,
+            db: Db::Sqlite(path),
+        }
     }
 
     pub async fn postgres() -> Self {
@@ -76,26 +86,56 @@ impl TestApp {
         let mut conn = sqlx::PgConnection::connect(&format!("{admin}/postgres"))
             .await
             .expect("PostgreSQL is reachable (start it: see .ci/run)");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.expect("create db");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .expect("create db");
         let mut config = Config::with_database(format!("{admin}/{name}"));
         tune(&mut config);
-        let router = sentinella::server::build_app(config).await.expect("postgres app starts");
-        TestApp { router, db: Db::Postgres(name) }
+        let router = sentinella::server::build_app(config)
+            .await
+            .expect("postgres app starts");
+        TestApp {
+            router,
+            db: Db::Postgres(name),
+        }
     }
 
-    pub async fn request(&self, method: Method, uri: &str, headers: &[(&str, &str)], body: Option<Vec<u8>>) -> Resp {
+    pub async fn request(
+        &self,
+        method: Method,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Resp {
         let mut req = Request::builder().method(method).uri(uri);
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let req = req.body(body.map(Body::from).unwrap_or_else(Body::empty)).expect("request");
-        let resp = self.router.clone().oneshot(req).await.expect("router answers");
+        let req = req
+            .body(body.map(Body::from).unwrap_or_else(Body::empty))
+            .expect("request");
+        let resp = self
+            .router
+            .clone()
+            .oneshot(req)
+            .await
+            .expect("router answers");
         let status = resp.status();
         let headers = resp.headers().clone();
         let bytes = resp.into_body().collect().await.expect("body").to_bytes();
         let text = String::from_utf8_lossy(&bytes).to_string();
-        let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
-        Resp { status, headers, body, text }
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+        };
+        Resp {
+            status,
+            headers,
+            body,
+            text,
+        }
     }
 
     pub async fn get(&self, uri: &str) -> Resp {
@@ -109,13 +149,25 @@ impl TestApp {
     pub async fn post_with(&self, uri: &str, body: &Value, headers: &[(&str, &str)]) -> Resp {
         let mut h = vec![("content-type", "application/fhir+json")];
         h.extend_from_slice(headers);
-        self.request(Method::POST, uri, &h, Some(serde_json::to_vec(body).unwrap())).await
+        self.request(
+            Method::POST,
+            uri,
+            &h,
+            Some(serde_json::to_vec(body).unwrap()),
+        )
+        .await
     }
 
     pub async fn put(&self, uri: &str, body: &Value, headers: &[(&str, &str)]) -> Resp {
         let mut h = vec![("content-type", "application/fhir+json")];
         h.extend_from_slice(headers);
-        self.request(Method::PUT, uri, &h, Some(serde_json::to_vec(body).unwrap())).await
+        self.request(
+            Method::PUT,
+            uri,
+            &h,
+            Some(serde_json::to_vec(body).unwrap()),
+        )
+        .await
     }
 
     pub async fn delete(&self, uri: &str) -> Resp {
@@ -142,10 +194,18 @@ impl Drop for TestApp {
                 // drop the test database on a thread of its own: Drop cannot await
                 let name = name.clone();
                 let _ = std::thread::spawn(move || {
-                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("runtime");
                     rt.block_on(async {
                         use sqlx::Connection;
-                        if let Ok(mut c) = sqlx::PgConnection::connect(&format!("{}/postgres", postgres_admin_url())).await {
+                        if let Ok(mut c) = sqlx::PgConnection::connect(&format!(
+                            "{}/postgres",
+                            postgres_admin_url()
+                        ))
+                        .await
+                        {
                             let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
                             let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut c).await;
                         }
