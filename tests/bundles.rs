@@ -124,4 +124,35 @@ on_both_databases! {
         let r = app.post("/fhir", &fixture("patient-rossi.json")).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST);
     }
+
+    async fn concurrent_transactions_succeed_or_fail_independently(app) {
+        let p = app.post("/fhir/Patient", &fixture("patient-rossi.json")).await;
+        let pid = p.body["id"].as_str().unwrap().to_string();
+        let app = std::sync::Arc::new(app);
+        let mut tasks = Vec::new();
+        for i in 0..24 {
+            let app = app.clone();
+            let mut bundle = fixture("antibiogram-transaction.json");
+            bundle["entry"][0]["resource"]["identifier"][0]["value"] = json!(format!("CF{i:014}"));
+            bundle["entry"][0]["request"]["ifNoneExist"] = json!(format!("identifier=http://hl7.it/sid/codiceFiscale|CF{i:014}"));
+            let failing = i % 4 == 0;
+            if failing {
+                bundle["entry"].as_array_mut().unwrap().push(json!({
+                    "resource": p.body.clone(),
+                    "request": {"method": "PUT", "url": format!("Patient/{pid}"), "ifMatch": "W/\"9\""}
+                }));
+            }
+            tasks.push(tokio::spawn(async move { (failing, app.post("/fhir", &bundle).await.status) }));
+        }
+        for t in tasks {
+            let (failing, status) = t.await.unwrap();
+            let expected = if failing { StatusCode::PRECONDITION_FAILED } else { StatusCode::OK };
+            assert_eq!(status, expected);
+        }
+        // 18 Bundles landed whole, 6 left nothing; the patient posted first is untouched
+        assert_eq!(app.count("Patient").await, 19);
+        assert_eq!(app.count("Specimen").await, 18);
+        assert_eq!(app.count("Observation").await, 18 * 4);
+        assert_eq!(app.get(&format!("/fhir/Patient/{pid}")).await.body["meta"]["versionId"], "1");
+    }
 }

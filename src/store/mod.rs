@@ -1,5 +1,6 @@
 //! Versioned resource storage: one trait, a SQLite and a PostgreSQL implementation sharing their SQL
 //! (`sql.rs`), search queries compiled to SQL in `query.rs`.
+mod group_commit;
 pub mod query;
 mod sql;
 
@@ -21,6 +22,8 @@ pub enum StoreError {
     /// The resource changed (or was created) concurrently: the caller's view is stale.
     #[error("{resource_type}/{id} was changed concurrently")]
     VersionConflict { resource_type: String, id: String },
+    #[error("the group commit failed: {0}")]
+    GroupCommit(String),
     #[error("unsupported database URL '{0}': use sqlite://PATH or postgres://…")]
     BadUrl(String),
 }

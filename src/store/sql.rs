@@ -63,8 +63,10 @@ fn index_insert_sql(rows: usize) -> String {
     text
 }
 
+/// `$writer` hands out write transactions (`$begin`) held as `$conn` (which derefs to the driver's
+/// connection) and finished by `$commit`.
 macro_rules! sql_backend {
-    ($module:ident, $db:ty, $name:literal, $lock:expr) => {
+    ($module:ident, $db:ty, $name:literal, $lock:expr, $writer:ty, $conn:ty, $begin:path, $commit:path) => {
         pub mod $module {
             use super::*;
 
@@ -73,12 +75,12 @@ macro_rules! sql_backend {
             type DbRow = <Db as sqlx::Database>::Row;
 
             pub struct SqlStore {
-                pub write: sqlx::Pool<Db>,
+                pub writer: $writer,
                 pub read: sqlx::Pool<Db>,
             }
 
             pub struct SqlTx {
-                tx: sqlx::Transaction<'static, Db>,
+                tx: $conn,
             }
 
             fn bind_all<'q>(mut q: Q<'q>, binds: &[Bind]) -> Q<'q> {
@@ -115,7 +117,7 @@ macro_rules! sql_backend {
                 }
 
                 async fn begin(&self) -> StoreResult<Box<dyn StoreTx>> {
-                    Ok(Box::new(SqlTx { tx: self.write.begin().await? }))
+                    Ok(Box::new(SqlTx { tx: $begin(&self.writer).await? }))
                 }
 
                 async fn read(&self, resource_type: &str, id: &str) -> StoreResult<Option<StoredResource>> {
@@ -363,23 +365,37 @@ macro_rules! sql_backend {
                 }
 
                 async fn commit(self: Box<Self>) -> StoreResult<()> {
-                    Ok(self.tx.commit().await?)
+                    $commit(self.tx).await
                 }
             }
         }
     };
 }
 
-sql_backend!(sqlite_impl, sqlx::Sqlite, "sqlite", None);
+sql_backend!(
+    sqlite_impl,
+    sqlx::Sqlite,
+    "sqlite",
+    None,
+    crate::store::group_commit::GroupWriter,
+    crate::store::group_commit::GroupTx,
+    crate::store::group_commit::GroupWriter::begin,
+    crate::store::group_commit::GroupTx::commit
+);
 sql_backend!(
     postgres_impl,
     sqlx::Postgres,
     "postgresql",
-    Some("SELECT pg_advisory_xact_lock($1)")
+    Some("SELECT pg_advisory_xact_lock($1)"),
+    sqlx::PgPool,
+    sqlx::Transaction<'static, sqlx::Postgres>,
+    postgres::begin,
+    postgres::commit
 );
 
 mod sqlite {
     use super::*;
+    use sqlx::ConnectOptions;
     use sqlx::sqlite::{
         SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
     };
@@ -392,22 +408,21 @@ mod sqlite {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
-        // SQLite has one writer at a time: one write connection serialises writers in the process
-        // (no SQLITE_BUSY, and conditional create is race-free); readers use their own connections.
-        let write = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(base.clone())
+        {
+            let migrator = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(base.clone())
+                .await?;
+            sqlx::migrate!("./migrations/sqlite").run(&migrator).await?;
+            migrator.close().await;
+        }
+        // SQLite has one writer at a time: one write connection, shared with group commit
+        let writer = crate::store::group_commit::GroupWriter::new(base.connect().await?);
+        let read = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(base.read_only(true))
             .await?;
-        sqlx::migrate!("./migrations/sqlite").run(&write).await?;
-        let read = if url.contains(":memory:") {
-            write.clone()
-        } else {
-            SqlitePoolOptions::new()
-                .max_connections(4)
-                .connect_with(base.read_only(true))
-                .await?
-        };
-        Ok(Arc::new(sqlite_impl::SqlStore { write, read }))
+        Ok(Arc::new(sqlite_impl::SqlStore { writer, read }))
     }
 }
 
@@ -423,8 +438,18 @@ mod postgres {
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         Ok(Arc::new(postgres_impl::SqlStore {
-            write: pool.clone(),
+            writer: pool.clone(),
             read: pool,
         }))
+    }
+
+    pub async fn begin(
+        pool: &sqlx::PgPool,
+    ) -> StoreResult<sqlx::Transaction<'static, sqlx::Postgres>> {
+        Ok(pool.begin().await?)
+    }
+
+    pub async fn commit(tx: sqlx::Transaction<'static, sqlx::Postgres>) -> StoreResult<()> {
+        Ok(tx.commit().await?)
     }
 }
