@@ -172,6 +172,6 @@ on_both_databases! {
         for p in ["code", "patient", "subject", "specimen", "date", "has-member", "based-on", "_profile", "_lastUpdated"] {
             assert!(params.contains(&p), "Observation search parameter {p} missing");
         }
-        assert_eq!(r.body["format"], json!(["application/fhir+json", "json"]));
+        assert_eq!(r.body["format"], json!(["application/fhir+json", "json", "application/fhir+xml", "xml"]));
     }
 }

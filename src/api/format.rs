@@ -25,13 +25,18 @@ pub fn raw_json(status: StatusCode, text: String) -> Response {
     resp
 }
 
-fn is_json_mime(m: &str) -> bool {
-    let m = m
-        .split(';')
+/// The media type without parameters; an unencoded `+` in `_format` arrives as a space.
+fn mime(m: &str) -> String {
+    m.split(';')
         .next()
         .unwrap_or("")
         .trim()
-        .to_ascii_lowercase();
+        .to_ascii_lowercase()
+        .replace(' ', "+")
+}
+
+fn is_json_mime(m: &str) -> bool {
+    let m = mime(m);
     matches!(
         m.as_str(),
         "application/fhir+json" | "application/json" | "application/json+fhir" | "json"
@@ -39,47 +44,57 @@ fn is_json_mime(m: &str) -> bool {
 }
 
 fn is_xml_mime(m: &str) -> bool {
-    let m = m
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    let m = mime(m);
     matches!(
         m.as_str(),
         "application/fhir+xml" | "application/xml" | "text/xml" | "xml" | "application/xml+fhir"
     )
 }
 
-/// Check what the client accepts (`_format` wins over `Accept`): JSON is what this server writes.
-pub fn negotiate(headers: &HeaderMap, query: Option<&str>) -> Result<(), ApiError> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Xml,
+}
+
+/// What the client wants back: `_format` wins over `Accept`; JSON unless XML is preferred.
+pub fn wanted_format(headers: &HeaderMap, query: Option<&str>) -> Result<Format, ApiError> {
     let format = query.and_then(|q| {
         form_urlencoded::parse(q.as_bytes())
             .find(|(k, _)| k == "_format")
             .map(|(_, v)| v.into_owned())
     });
     if let Some(f) = format {
-        if is_json_mime(&f) {
-            return Ok(());
-        }
-        return Err(ApiError::NotAcceptable(format!(
-            "_format={f} is not supported: this server reads and writes application/fhir+json"
-        )));
+        return if is_json_mime(&f) {
+            Ok(Format::Json)
+        } else if is_xml_mime(&f) {
+            Ok(Format::Xml)
+        } else {
+            Err(ApiError::NotAcceptable(format!(
+                "_format={f} is not supported: use json or xml"
+            )))
+        };
     }
     let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
-        return Ok(());
+        return Ok(Format::Json);
     };
-    let acceptable = accept.split(',').any(|m| {
+    for m in accept.split(',') {
         let m = m.split(';').next().unwrap_or("").trim();
-        is_json_mime(m) || m == "*/*" || m == "application/*" || m.is_empty()
-    });
-    if acceptable {
-        Ok(())
-    } else {
-        Err(ApiError::NotAcceptable(format!(
-            "Accept: {accept} cannot be satisfied: this server writes application/fhir+json"
-        )))
+        if is_json_mime(m) || m == "*/*" || m == "application/*" || m.is_empty() {
+            return Ok(Format::Json);
+        }
+        if is_xml_mime(m) {
+            return Ok(Format::Xml);
+        }
     }
+    Err(ApiError::NotAcceptable(format!(
+        "Accept: {accept} cannot be satisfied: this server writes application/fhir+json and application/fhir+xml"
+    )))
+}
+
+/// Check that the response can be written in a format the client accepts.
+pub fn negotiate(headers: &HeaderMap, query: Option<&str>) -> Result<(), ApiError> {
+    wanted_format(headers, query).map(|_| ())
 }
 
 /// What the `Prefer` header asks for.
@@ -157,14 +172,17 @@ impl FromRequest<AppState> for FhirBody {
             .headers()
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if !is_json_mime(ct) {
-            let why = if is_xml_mime(ct) {
-                "FHIR XML is not accepted by this server: send application/fhir+json".to_string()
-            } else if ct.is_empty() {
-                "Content-Type is missing: send application/fhir+json".to_string()
+            .unwrap_or("")
+            .to_string();
+        let xml = is_xml_mime(&ct);
+        if !is_json_mime(&ct) && !xml {
+            let why = if ct.is_empty() {
+                "Content-Type is missing: send application/fhir+json or application/fhir+xml"
+                    .to_string()
             } else {
-                format!("Content-Type {ct} is not supported: send application/fhir+json")
+                format!(
+                    "Content-Type {ct} is not supported: send application/fhir+json or application/fhir+xml"
+                )
             };
             return Err(ApiError::UnsupportedMediaType(why));
         }
@@ -179,6 +197,16 @@ impl FromRequest<AppState> for FhirBody {
         let bytes = axum::body::to_bytes(req.into_body(), limit)
             .await
             .map_err(|_| ApiError::PayloadTooLarge(limit))?;
+        if xml {
+            let json = super::xml::xml_to_json(&bytes).map_err(|e| {
+                ApiError::invalid(vec![crate::error::Issue::error(
+                    "structure",
+                    format!("the body is not a valid FHIR R4 XML resource: {e}"),
+                    None,
+                )])
+            })?;
+            return Ok(FhirBody(Bytes::from(json)));
+        }
         Ok(FhirBody(bytes))
     }
 }

@@ -64,7 +64,7 @@ pub fn capability_statement(base: &str) -> Value {
         "software": {"name": "Sentinella", "version": env!("CARGO_PKG_VERSION")},
         "implementation": {"description": "Sentinella FHIR R4 server", "url": base},
         "fhirVersion": "4.0.1",
-        "format": ["application/fhir+json", "json"],
+        "format": ["application/fhir+json", "json", "application/fhir+xml", "xml"],
         "rest": [{
             "mode": "server",
             "resource": resources,

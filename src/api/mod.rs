@@ -7,6 +7,7 @@ pub mod interactions;
 pub mod metadata;
 pub mod responses;
 pub mod search;
+pub mod xml;
 
 use std::sync::Arc;
 
@@ -69,6 +70,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .nest("/fhir", fhir)
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(xml::respond_in_xml_when_asked))
         .layer(CatchPanicLayer::new())
         .layer(TraceLayer::new_for_http())
         .with_state(state)
