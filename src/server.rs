@@ -15,7 +15,12 @@ pub async fn build_app(config: Config) -> StoreResult<Router> {
     let store = store::connect(&config.database).await?;
     // parse definitions and compile every schema validator before the first request
     tokio::task::spawn_blocking(|| {
-        Definitions::get();
+        let (checked, skipped) = Definitions::get().structures.invariant_counts();
+        tracing::info!(
+            checked,
+            skipped,
+            "R4 invariants: checked, and outside the supported FHIRPath subset"
+        );
         SchemaValidators::get().warm_up();
     })
     .await

@@ -25,6 +25,11 @@ def prune_element(el):
     if "type" in el:
         keep["type"] = [{"code": t["code"]} | ({"targetProfile": t["targetProfile"]} if "targetProfile" in t else {})
                         for t in el["type"]]
+    # invariants (ele-1 is checked by the walker itself; the rest by the FHIRPath subset it can run)
+    cons = [{"key": c["key"], "severity": c["severity"], "human": c.get("human", ""), "expression": c["expression"]}
+            for c in el.get("constraint", []) if c.get("expression") and c["key"] != "ele-1"]
+    if cons:
+        keep["constraint"] = cons
     b = el.get("binding")
     if b and b.get("strength") == "required" and "valueSet" in b:
         keep["binding"] = {"strength": "required", "valueSet": b["valueSet"]}

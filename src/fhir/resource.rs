@@ -196,4 +196,34 @@ mod tests {
             "{issues:?}"
         );
     }
+
+    #[test]
+    fn r4_invariants_are_checked() {
+        // obs-6: dataAbsentReason only when there is no value
+        let obs = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+            "valueString": "a", "dataAbsentReason": {"text": "not done"}});
+        let Err(ApiError::Invalid { issues, .. }) = validate(&obs) else {
+            panic!("must be invalid")
+        };
+        assert!(
+            issues.iter().any(|i| i.diagnostics.starts_with("obs-6")),
+            "{issues:?}"
+        );
+        // per-1 inside a datatype: a Period whose end is before its start
+        let enc = json!({"resourceType": "Encounter", "status": "finished", "class": {"code": "IMP"},
+            "period": {"start": "2026-03-05", "end": "2026-03-01"}});
+        let Err(ApiError::Invalid { issues, .. }) = validate(&enc) else {
+            panic!("must be invalid")
+        };
+        assert_eq!(
+            issues[0].expression.as_deref(),
+            Some("Encounter.period"),
+            "{issues:?}"
+        );
+        let (checked, skipped) = Definitions::get().structures.invariant_counts();
+        assert!(
+            checked > 50 && skipped < checked,
+            "checked {checked}, skipped {skipped}"
+        );
+    }
 }

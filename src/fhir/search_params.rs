@@ -191,6 +191,11 @@ impl SearchParamRegistry {
     }
 }
 
+/// Whether `s` is the capitalised name of an R4 data type, as ends a choice key (`valueQuantity`).
+pub fn is_type_suffix(s: &str) -> bool {
+    TYPE_NAMES.contains(&s)
+}
+
 /// The capitalised names of R4 data types that can end a choice key (`valueQuantity`).
 const TYPE_NAMES: &[&str] = &[
     "Base64Binary",

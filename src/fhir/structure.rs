@@ -8,6 +8,8 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
+use super::invariants::{Ctx, Expr, compile, holds};
+use super::search_params::is_type_suffix;
 use super::valuesets::ValueSets;
 use crate::error::Issue;
 
@@ -26,6 +28,7 @@ pub struct ElementDef {
     /// The JSON keys the element may appear under (`valueQuantity`, …), with the type each implies
     /// and the `_key` of its primitive extension; computed once at load.
     pub keys: Vec<JsonKey>,
+    pub constraints: Vec<Constraint>,
 }
 
 #[derive(Debug, Clone)]
@@ -42,16 +45,53 @@ pub struct StructureDefinition {
     pub kind: String,
     /// Children by parent path.
     children: HashMap<String, Vec<ElementDef>>,
+    /// Invariants of the type itself (on its root element).
+    pub root_constraints: Vec<Constraint>,
+    /// Error-level invariants outside the FHIRPath subset, not checked.
+    pub skipped_invariants: usize,
+}
+
+/// An error-level invariant compiled from the StructureDefinition.
+#[derive(Debug, Clone)]
+pub struct Constraint {
+    pub key: String,
+    pub human: String,
+    pub expr: Expr,
+}
+
+/// Compile the error-level invariants of an element; returns how many could not be compiled.
+fn constraints(el: &Value, out: &mut Vec<Constraint>) -> usize {
+    let mut skipped = 0;
+    for c in el["constraint"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["severity"] == "error")
+    {
+        match c["expression"].as_str().and_then(compile) {
+            Some(expr) => out.push(Constraint {
+                key: c["key"].as_str().unwrap_or_default().to_string(),
+                human: c["human"].as_str().unwrap_or_default().to_string(),
+                expr,
+            }),
+            None => skipped += 1,
+        }
+    }
+    skipped
 }
 
 impl StructureDefinition {
     pub fn from_resource(sd: &Value) -> Option<Self> {
         let mut children: HashMap<String, Vec<ElementDef>> = HashMap::new();
+        let (mut root_constraints, mut skipped_invariants) = (Vec::new(), 0);
         for el in sd["snapshot"]["element"].as_array()? {
             let path = el["path"].as_str()?;
             let Some((parent, last)) = path.rsplit_once('.') else {
+                skipped_invariants += constraints(el, &mut root_constraints);
                 continue;
             };
+            let mut element_constraints = Vec::new();
+            skipped_invariants += constraints(el, &mut element_constraints);
             let choice = last.ends_with("[x]");
             let name = last.trim_end_matches("[x]").to_string();
             let types: Vec<String> = el["type"]
@@ -99,6 +139,7 @@ impl StructureDefinition {
                     types,
                     binding,
                     content_reference,
+                    constraints: element_constraints,
                 });
         }
         Some(StructureDefinition {
@@ -106,6 +147,8 @@ impl StructureDefinition {
             type_name: sd["type"].as_str()?.to_string(),
             kind: sd["kind"].as_str().unwrap_or_default().to_string(),
             children,
+            root_constraints,
+            skipped_invariants,
         })
     }
 
@@ -135,6 +178,19 @@ impl StructureDefinitions {
         self.by_type.get(type_name)
     }
 
+    /// (checked, skipped) error-level invariants over all loaded definitions.
+    pub fn invariant_counts(&self) -> (usize, usize) {
+        self.by_type.values().fold((0, 0), |(c, s), sd| {
+            let here = sd.root_constraints.len()
+                + sd.children
+                    .values()
+                    .flatten()
+                    .map(|e| e.constraints.len())
+                    .sum::<usize>();
+            (c + here, s + sd.skipped_invariants)
+        })
+    }
+
     /// Validate a resource against the base definition of its type.
     pub fn validate(&self, resource: &Value, valuesets: &ValueSets) -> Vec<Issue> {
         let mut issues = Vec::new();
@@ -144,12 +200,14 @@ impl StructureDefinitions {
         let (Some(sd), Some(obj)) = (self.get(rt), resource.as_object()) else {
             return issues;
         };
-        Walker {
+        let mut walker = Walker {
             defs: self,
             valuesets,
+            resource,
             issues: &mut issues,
-        }
-        .walk(sd, rt, obj, rt);
+        };
+        walker.invariants(&sd.root_constraints, resource, rt);
+        walker.walk(sd, rt, obj, rt);
         issues
     }
 }
@@ -157,6 +215,7 @@ impl StructureDefinitions {
 struct Walker<'a> {
     defs: &'a StructureDefinitions,
     valuesets: &'a ValueSets,
+    resource: &'a Value,
     issues: &'a mut Vec<Issue>,
 }
 
@@ -230,6 +289,22 @@ impl Walker<'_> {
         }
     }
 
+    fn invariants(&mut self, constraints: &[Constraint], element: &Value, expr: &str) {
+        let ctx = Ctx {
+            resource: self.resource,
+            suffixes: &is_type_suffix,
+        };
+        for c in constraints {
+            if !holds(&c.expr, element, &ctx) {
+                self.issues.push(Issue::error(
+                    "invariant",
+                    format!("{}: {}", c.key, c.human),
+                    Some(expr.to_string()),
+                ));
+            }
+        }
+    }
+
     fn empty(&mut self, expr: &str) {
         self.issues.push(Issue::error(
             "invariant",
@@ -265,6 +340,7 @@ impl Walker<'_> {
         if obj.is_empty() {
             return self.empty(expr);
         }
+        self.invariants(&el.constraints, item, expr);
         if let Some(vs) = &el.binding {
             self.check_coded(vs, type_code, obj, el, expr);
         }
@@ -285,6 +361,7 @@ impl Walker<'_> {
             }
             other => {
                 if let Some(type_sd) = self.defs.get(other) {
+                    self.invariants(&type_sd.root_constraints, item, expr);
                     self.walk(type_sd, other, obj, expr);
                 }
             }
