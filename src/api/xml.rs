@@ -1,29 +1,18 @@
 //! FHIR XML at the edge: XML bodies become JSON before anything else sees them, and responses become
-//! XML after the handlers ran, when the client asked for it. fhirbolt reads and writes R4 XML
-//! (only through its `Resource` enum: shared/DEPENDENCIES.md); the server itself speaks JSON.
+//! XML after the handlers ran, when the client asked for it. fhirbolt reads and writes R4 XML (in
+//! the `sentinella-fhir-xml` crate, for build time); the server itself speaks JSON.
 use axum::body::{Body, to_bytes};
 use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use fhirbolt::model::r4::Resource;
 
 use super::format::{Format, wanted_format};
 use crate::error::ApiError;
 
 pub const FHIR_XML: &str = "application/fhir+xml; charset=utf-8";
 
-/// Convert an R4 XML resource into JSON text.
-pub fn xml_to_json(xml: &[u8]) -> Result<Vec<u8>, String> {
-    let resource: Resource = fhirbolt::xml::from_slice(xml, None).map_err(|e| e.to_string())?;
-    fhirbolt::json::to_vec(&resource, None).map_err(|e| e.to_string())
-}
-
-/// Convert R4 JSON text into XML.
-pub fn json_to_xml(json: &[u8]) -> Result<String, String> {
-    let resource: Resource = fhirbolt::json::from_slice(json, None).map_err(|e| e.to_string())?;
-    fhirbolt::xml::to_string(&resource, None).map_err(|e| e.to_string())
-}
+pub use sentinella_fhir_xml::{json_to_xml, xml_to_json};
 
 /// Middleware: a JSON response becomes XML when `_format` or `Accept` asks for XML.
 pub async fn respond_in_xml_when_asked(req: Request, next: Next) -> Response {
