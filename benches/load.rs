@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use futures::StreamExt;
 use serde_json::{Number, Value, json};
-use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{AssertSqlSafe, Connection};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use time::macros::datetime;
@@ -67,7 +67,10 @@ where
     T::Err: std::fmt::Display,
 {
     match std::env::var(name) {
-        Ok(v) => v.trim().parse().map_err(|e| anyhow::anyhow!("{name}={v}: {e}")),
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{name}={v}: {e}")),
         Err(std::env::VarError::NotPresent) => Ok(default),
         Err(e) => bail!("{name}: {e}"),
     }
@@ -83,33 +86,67 @@ impl Config {
         let c: usize = env_parse("SENTINELLA_BENCH_C", 16)?;
         let repeat_pct: u32 = env_parse("SENTINELLA_BENCH_REPEAT_PCT", 0)?;
         ensure!(n > 0, "SENTINELLA_BENCH_N must be at least 1");
-        ensure!((1..=1024).contains(&c), "SENTINELLA_BENCH_C must be between 1 and 1024");
-        ensure!(repeat_pct <= 100, "SENTINELLA_BENCH_REPEAT_PCT must be between 0 and 100");
+        ensure!(
+            (1..=1024).contains(&c),
+            "SENTINELLA_BENCH_C must be between 1 and 1024"
+        );
+        ensure!(
+            repeat_pct <= 100,
+            "SENTINELLA_BENCH_REPEAT_PCT must be between 0 and 100"
+        );
         let seed = match env_opt("SENTINELLA_BENCH_SEED") {
-            Some(s) => s.trim().parse().with_context(|| format!("SENTINELLA_BENCH_SEED={s}"))?,
+            Some(s) => s
+                .trim()
+                .parse()
+                .with_context(|| format!("SENTINELLA_BENCH_SEED={s}"))?,
             None => uuid::Uuid::new_v4().as_u64_pair().0,
         };
-        let target = match (env_opt("SENTINELLA_BENCH_URL"), env_opt("SENTINELLA_BENCH_DATABASE")) {
+        let target = match (
+            env_opt("SENTINELLA_BENCH_URL"),
+            env_opt("SENTINELLA_BENCH_DATABASE"),
+        ) {
             (Some(_), Some(_)) => {
-                bail!("set SENTINELLA_BENCH_URL or SENTINELLA_BENCH_DATABASE, not both (a running server has its own database)")
+                bail!(
+                    "set SENTINELLA_BENCH_URL or SENTINELLA_BENCH_DATABASE, not both (a running server has its own database)"
+                )
             }
             (Some(url), None) => {
                 let base = url.trim().trim_end_matches('/').to_string();
-                let parsed = reqwest::Url::parse(&base).with_context(|| format!("SENTINELLA_BENCH_URL={url}"))?;
-                ensure!(parsed.scheme() == "http", "SENTINELLA_BENCH_URL must be plain http on loopback, got {url}");
+                let parsed = reqwest::Url::parse(&base)
+                    .with_context(|| format!("SENTINELLA_BENCH_URL={url}"))?;
+                ensure!(
+                    parsed.scheme() == "http",
+                    "SENTINELLA_BENCH_URL must be plain http on loopback, got {url}"
+                );
                 ensure!(
                     parsed.host_str().is_some_and(is_loopback_host),
                     "SENTINELLA_BENCH_URL must point at a loopback address, got {url}"
                 );
                 Target::External { base }
             }
-            (None, Some(database)) => Target::Spawn { database, fresh: false },
+            (None, Some(database)) if is_postgres(&database) => {
+                pg_options(&database)?; // fail before generating the workload
+                Target::Spawn {
+                    database,
+                    fresh: false,
+                }
+            }
+            (None, Some(database)) => Target::Spawn {
+                database,
+                fresh: false,
+            },
             (None, None) => Target::Spawn {
                 database: format!("sqlite:///tmp/sentinella-bench-{}.db", uuid::Uuid::new_v4()),
                 fresh: true,
             },
         };
-        Ok(Config { target, n, c, repeat_pct, seed })
+        Ok(Config {
+            target,
+            n,
+            c,
+            repeat_pct,
+            seed,
+        })
     }
 
     fn db_kind(&self) -> &'static str {
@@ -130,7 +167,7 @@ impl Config {
         match &self.target {
             Target::Spawn { fresh: true, .. } => {}
             Target::Spawn { database, .. } => {
-                let _ = write!(s, " SENTINELLA_BENCH_DATABASE={database}");
+                let _ = write!(s, " SENTINELLA_BENCH_DATABASE={}", redact(database));
             }
             Target::External { base } => {
                 let _ = write!(s, " SENTINELLA_BENCH_URL={base}");
@@ -140,13 +177,28 @@ impl Config {
     }
 }
 
+/// The URL with any password masked, for printing.
+fn redact(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    let Some(at) = url[scheme_end..].find('@').map(|i| i + scheme_end) else {
+        return url.to_string();
+    };
+    match url[scheme_end..at].find(':') {
+        Some(colon) => format!("{}:***{}", &url[..scheme_end + colon], &url[at..]),
+        None => url.to_string(),
+    }
+}
+
 fn is_postgres(url: &str) -> bool {
     url.starts_with("postgres:") || url.starts_with("postgresql:")
 }
 
 fn is_loopback_host(host: &str) -> bool {
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost") || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -176,18 +228,42 @@ impl Rng {
         let mut bytes = [0u8; 16];
         bytes[..8].copy_from_slice(&self.next_u64().to_le_bytes());
         bytes[8..].copy_from_slice(&self.next_u64().to_le_bytes());
-        format!("urn:uuid:{}", uuid::Builder::from_random_bytes(bytes).into_uuid())
+        format!(
+            "urn:uuid:{}",
+            uuid::Builder::from_random_bytes(bytes).into_uuid()
+        )
     }
 }
 
 const SURNAMES: &[&str] = &[
-    "Rossi", "Russo", "Ferrari", "Esposito", "Bianchi", "Romano", "Colombo", "Ricci", "Marino", "Greco", "Bruno",
-    "Gallo", "Conti", "De Luca", "Mancini", "Costa", "Giordano", "Rizzo", "Lombardi", "Moretti", "Barbieri", "Fontana",
+    "Rossi", "Russo", "Ferrari", "Esposito", "Bianchi", "Romano", "Colombo", "Ricci", "Marino",
+    "Greco", "Bruno", "Gallo", "Conti", "De Luca", "Mancini", "Costa", "Giordano", "Rizzo",
+    "Lombardi", "Moretti", "Barbieri", "Fontana",
 ];
-const MALE_NAMES: &[&str] =
-    &["Marco", "Giuseppe", "Luca", "Giovanni", "Antonio", "Francesco", "Alessandro", "Andrea", "Matteo", "Stefano"];
-const FEMALE_NAMES: &[&str] =
-    &["Maria", "Anna", "Giulia", "Francesca", "Chiara", "Sara", "Laura", "Elena", "Paola", "Valentina"];
+const MALE_NAMES: &[&str] = &[
+    "Marco",
+    "Giuseppe",
+    "Luca",
+    "Giovanni",
+    "Antonio",
+    "Francesco",
+    "Alessandro",
+    "Andrea",
+    "Matteo",
+    "Stefano",
+];
+const FEMALE_NAMES: &[&str] = &[
+    "Maria",
+    "Anna",
+    "Giulia",
+    "Francesca",
+    "Chiara",
+    "Sara",
+    "Laura",
+    "Elena",
+    "Paola",
+    "Valentina",
+];
 /// City and its cadastral (Belfiore) code, as used in the codice fiscale.
 const CITIES: &[(&str, &str)] = &[
     ("Roma", "H501"),
@@ -215,7 +291,11 @@ struct Patient {
 }
 
 fn letters(s: &str) -> (Vec<char>, Vec<char>) {
-    let up: Vec<char> = s.chars().filter(char::is_ascii_alphabetic).map(|c| c.to_ascii_uppercase()).collect();
+    let up: Vec<char> = s
+        .chars()
+        .filter(char::is_ascii_alphabetic)
+        .map(|c| c.to_ascii_uppercase())
+        .collect();
     up.into_iter().partition(|c| !"AEIOU".contains(*c))
 }
 
@@ -225,13 +305,20 @@ fn cf_part(s: &str, is_name: bool) -> String {
     if is_name && cons.len() >= 4 {
         return [cons[0], cons[2], cons[3]].iter().collect();
     }
-    cons.iter().chain(vowels.iter()).chain(['X'; 3].iter()).take(3).collect()
+    cons.iter()
+        .chain(vowels.iter())
+        .chain(['X'; 3].iter())
+        .take(3)
+        .collect()
 }
 
 /// The control character of a codice fiscale (its last character).
 fn cf_check(first15: &str) -> char {
     // value of a character in an odd (1-based) position, digits 0-9 and letters A-Z alike
-    const ODD: [u32; 26] = [1, 0, 5, 7, 9, 13, 15, 17, 19, 21, 2, 4, 18, 20, 11, 3, 6, 8, 12, 14, 16, 10, 22, 25, 24, 23];
+    const ODD: [u32; 26] = [
+        1, 0, 5, 7, 9, 13, 15, 17, 19, 21, 2, 4, 18, 20, 11, 3, 6, 8, 12, 14, 16, 10, 22, 25, 24,
+        23,
+    ];
     let sum: u32 = first15
         .chars()
         .enumerate()
@@ -263,7 +350,14 @@ fn new_patient(rng: &mut Rng) -> Patient {
         birth_code
     );
     let cf = format!("{cf15}{}", cf_check(&cf15));
-    Patient { cf, family, given, female, birth_date: format!("{year:04}-{month:02}-{day:02}"), city }
+    Patient {
+        cf,
+        family,
+        given,
+        female,
+        birth_date: format!("{year:04}-{month:02}-{day:02}"),
+        city,
+    }
 }
 
 /// A susceptibility test: LOINC code and name, and (S ≤ s_max, R > r_above) MIC breakpoints in mg/L
@@ -276,15 +370,47 @@ struct Drug {
 }
 
 const DRUGS: [Drug; 6] = [
-    Drug { loinc: "18943-1", display: "Meropenem [Susceptibility] by Minimum inhibitory concentration (MIC)", s_max: 2.0, r_above: 8.0 },
-    Drug { loinc: "18932-4", display: "Imipenem [Susceptibility] by Minimum inhibitory concentration (MIC)", s_max: 2.0, r_above: 4.0 },
-    Drug { loinc: "35802-8", display: "Ertapenem [Susceptibility] by Minimum inhibitory concentration (MIC)", s_max: 0.5, r_above: 0.5 },
-    Drug { loinc: "18928-2", display: "Gentamicin [Susceptibility] by Minimum inhibitory concentration (MIC)", s_max: 2.0, r_above: 2.0 },
-    Drug { loinc: "18906-8", display: "Ciprofloxacin [Susceptibility] by Minimum inhibitory concentration (MIC)", s_max: 0.25, r_above: 0.5 },
-    Drug { loinc: "18864-9", display: "Ampicillin [Susceptibility] by Minimum inhibitory concentration (MIC)", s_max: 8.0, r_above: 8.0 },
+    Drug {
+        loinc: "18943-1",
+        display: "Meropenem [Susceptibility] by Minimum inhibitory concentration (MIC)",
+        s_max: 2.0,
+        r_above: 8.0,
+    },
+    Drug {
+        loinc: "18932-4",
+        display: "Imipenem [Susceptibility] by Minimum inhibitory concentration (MIC)",
+        s_max: 2.0,
+        r_above: 4.0,
+    },
+    Drug {
+        loinc: "35802-8",
+        display: "Ertapenem [Susceptibility] by Minimum inhibitory concentration (MIC)",
+        s_max: 0.5,
+        r_above: 0.5,
+    },
+    Drug {
+        loinc: "18928-2",
+        display: "Gentamicin [Susceptibility] by Minimum inhibitory concentration (MIC)",
+        s_max: 2.0,
+        r_above: 2.0,
+    },
+    Drug {
+        loinc: "18906-8",
+        display: "Ciprofloxacin [Susceptibility] by Minimum inhibitory concentration (MIC)",
+        s_max: 0.25,
+        r_above: 0.5,
+    },
+    Drug {
+        loinc: "18864-9",
+        display: "Ampicillin [Susceptibility] by Minimum inhibitory concentration (MIC)",
+        s_max: 8.0,
+        r_above: 8.0,
+    },
 ];
 /// MICs as written by the analyser: the decimals keep their trailing zeros on the wire.
-const MICS: [&str; 9] = ["0.125", "0.25", "0.50", "1.0", "2.0", "4.0", "8.0", "16.0", "32.0"];
+const MICS: [&str; 9] = [
+    "0.125", "0.25", "0.50", "1.0", "2.0", "4.0", "8.0", "16.0", "32.0",
+];
 
 fn coding(system: &str, code: &str, display: &str) -> Value {
     json!({"coding": [{"system": system, "code": code, "display": display}]})
@@ -295,19 +421,24 @@ fn reference(urn: &str) -> Value {
 }
 
 fn entry(full_url: &str, resource: Value) -> Value {
-    let rt = resource["resourceType"].as_str().unwrap_or_default().to_string();
+    let rt = resource["resourceType"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     json!({"fullUrl": full_url, "resource": resource, "request": {"method": "POST", "url": rt}})
 }
 
 fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).expect("UTC timestamps in 2025 format as RFC 3339")
+    t.format(&Rfc3339)
+        .expect("UTC timestamps in 2025 format as RFC 3339")
 }
 
 /// One transaction Bundle: Patient, Specimen, DiagnosticReport, isolate, 6 MICs, KPC gene.
 fn antibiogram(rng: &mut Rng, p: &Patient) -> Value {
     let [pat, spec, report, isolate, kpc] = std::array::from_fn(|_| rng.urn());
     let susc: Vec<String> = (0..DRUGS.len()).map(|_| rng.urn()).collect();
-    let collected = datetime!(2025-01-01 0:00 UTC) + time::Duration::minutes(rng.below(365 * 24 * 60) as i64);
+    let collected =
+        datetime!(2025-01-01 0:00 UTC) + time::Duration::minutes(rng.below(365 * 24 * 60) as i64);
     let issued = collected + time::Duration::minutes(24 * 60 + rng.below(48 * 60) as i64);
     let (collected, issued) = (rfc3339(collected), rfc3339(issued));
     let lab = json!([coding(OBS_CATEGORY, "laboratory", "Laboratory")]);
@@ -347,7 +478,11 @@ fn antibiogram(rng: &mut Rng, p: &Patient) -> Value {
     ];
     entries[0]["request"]["ifNoneExist"] = json!(format!("identifier={CF_SYSTEM}|{}", p.cf));
 
-    let mut isolate_obs = observation(coding(LOINC, "600-7", "Bacteria identified in Blood by Culture"));
+    let mut isolate_obs = observation(coding(
+        LOINC,
+        "600-7",
+        "Bacteria identified in Blood by Culture",
+    ));
     isolate_obs["valueCodeableConcept"] = coding(SNOMED, "56415008", "Klebsiella pneumoniae");
     isolate_obs["hasMember"] = susc.iter().map(|u| reference(u)).collect();
 
@@ -376,12 +511,21 @@ fn antibiogram(rng: &mut Rng, p: &Patient) -> Value {
         susc_entries.push(entry(urn, o));
     }
 
-    let mut kpc_obs = observation(json!({"coding": [{"system": LOINC, "code": "49617-4"}], "text": "KPC carbapenemase gene"}));
-    kpc_obs["valueCodeableConcept"] =
-        if carbapenem_r { coding(SNOMED, "260373001", "Detected") } else { coding(SNOMED, "260415000", "Not detected") };
+    let mut kpc_obs = observation(
+        json!({"coding": [{"system": LOINC, "code": "49617-4"}], "text": "KPC carbapenemase gene"}),
+    );
+    kpc_obs["valueCodeableConcept"] = if carbapenem_r {
+        coding(SNOMED, "260373001", "Detected")
+    } else {
+        coding(SNOMED, "260415000", "Not detected")
+    };
     kpc_obs["derivedFrom"] = json!([reference(&isolate)]);
 
-    let results: Vec<Value> = std::iter::once(&isolate).chain(&susc).chain([&kpc]).map(|u| reference(u)).collect();
+    let results: Vec<Value> = std::iter::once(&isolate)
+        .chain(&susc)
+        .chain([&kpc])
+        .map(|u| reference(u))
+        .collect();
     entries.push(entry(
         &report,
         json!({
@@ -415,13 +559,18 @@ fn generate(cfg: &Config) -> Result<Workload> {
     let mut seen = HashSet::with_capacity(cfg.n);
     let mut bodies = Vec::with_capacity(cfg.n);
     let mut returning = 0;
+    let pct = cfg.repeat_pct as usize;
     for i in 0..cfg.n {
-        let patient = if i > 0 && rng.below(100) < cfg.repeat_pct as usize {
+        // exactly floor((N-1)·pct/100) returning patients, spread evenly (the first is always new)
+        let repeat = i > 0 && (i * pct) / 100 != ((i - 1) * pct) / 100;
+        let patient = if repeat {
             returning += 1;
             patients[rng.below(i)].clone()
         } else {
             // a name/birth collision would turn a new patient into a returning one: draw again
-            let fresh = (0..1000).map(|_| new_patient(&mut rng)).find(|p| !seen.contains(&p.cf));
+            let fresh = (0..1000)
+                .map(|_| new_patient(&mut rng))
+                .find(|p| !seen.contains(&p.cf));
             let p = fresh.context("could not draw a new codice fiscale in 1000 attempts")?;
             seen.insert(p.cf.clone());
             p
@@ -429,7 +578,11 @@ fn generate(cfg: &Config) -> Result<Workload> {
         bodies.push(serde_json::to_vec(&antibiogram(&mut rng, &patient))?);
         patients.push(patient);
     }
-    Ok(Workload { bodies, returning, distinct_patients: seen.len() })
+    Ok(Workload {
+        bodies,
+        returning,
+        distinct_patients: seen.len(),
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -445,35 +598,69 @@ fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// Parse a PostgreSQL URL that names a database on this machine.
+fn pg_options(url: &str) -> Result<(PgConnectOptions, String)> {
+    let opts = PgConnectOptions::from_str(url)
+        .with_context(|| format!("bad PostgreSQL URL {}", redact(url)))?;
+    let host = opts.get_host();
+    let local = opts.get_socket().is_some() || host.starts_with('/') || is_loopback_host(host);
+    ensure!(
+        local,
+        "PostgreSQL must be on loopback or a local socket, got host {host}"
+    );
+    let name = opts
+        .get_database()
+        .context("the PostgreSQL URL must name a database")?;
+    let name = name.to_string();
+    Ok((opts, name))
+}
+
 impl PgDatabase {
     /// Create the database named in `url` if it does not exist (connecting to `postgres` on the same server).
     async fn prepare(url: &str) -> Result<Self> {
-        let opts = PgConnectOptions::from_str(url).with_context(|| format!("bad PostgreSQL URL {url}"))?;
-        let local = opts.get_socket().is_some() || opts.get_host().starts_with('/') || is_loopback_host(opts.get_host());
-        ensure!(local, "PostgreSQL must be on loopback or a local socket, got host {}", opts.get_host());
-        let name = opts.get_database().context("the PostgreSQL URL must name a database")?.to_string();
+        let (opts, name) = pg_options(url)?;
         let admin = opts.clone().database("postgres");
-        let mut conn = PgConnection::connect_with(&admin).await.context("connecting to the postgres database")?;
+        let mut conn = PgConnection::connect_with(&admin)
+            .await
+            .context("connecting to the postgres database")?;
         let exists = sqlx::query_scalar::<_, i32>("SELECT 1 FROM pg_database WHERE datname = $1")
             .bind(&name)
             .fetch_optional(&mut conn)
             .await?
             .is_some();
         if !exists {
-            sqlx::query(&format!("CREATE DATABASE {}", quote_ident(&name))).execute(&mut conn).await?;
+            // an identifier cannot be a bind parameter: quote_ident makes the name safe
+            sqlx::query(AssertSqlSafe(format!(
+                "CREATE DATABASE {}",
+                quote_ident(&name)
+            )))
+            .execute(&mut conn)
+            .await?;
         }
         conn.close().await?;
-        Ok(PgDatabase { admin, name, created: !exists })
+        Ok(PgDatabase {
+            admin,
+            name,
+            created: !exists,
+        })
     }
 
     /// Drop the database if this run created it (the server must have stopped).
     async fn finish(self) -> Result<()> {
         if !self.created {
-            println!("note: database {} existed before the run and was kept", self.name);
+            println!(
+                "note: database {} existed before the run and was kept",
+                self.name
+            );
             return Ok(());
         }
         let mut conn = PgConnection::connect_with(&self.admin).await?;
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {}", quote_ident(&self.name))).execute(&mut conn).await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {}",
+            quote_ident(&self.name)
+        )))
+        .execute(&mut conn)
+        .await?;
         conn.close().await?;
         Ok(())
     }
@@ -493,9 +680,16 @@ impl Server {
         // the port is free now; the short race with other processes is acceptable for a bench
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let log = PathBuf::from(format!("/tmp/sentinella-bench-{tag}.log"));
-        let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let out =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sentinella"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--database", database])
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--database",
+                database,
+            ])
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -503,7 +697,10 @@ impl Server {
             .spawn()
             .context("spawning the sentinella binary")?;
         let pid = child.id().context("the server exited immediately")?;
-        Ok((Server { child, pid, log }, format!("http://127.0.0.1:{port}/fhir")))
+        Ok((
+            Server { child, pid, log },
+            format!("http://127.0.0.1:{port}/fhir"),
+        ))
     }
 
     fn exited(&mut self) -> Result<()> {
@@ -513,17 +710,21 @@ impl Server {
         }
     }
 
-    /// Peak resident set size (VmHWM), in KiB.
-    fn peak_rss_kib(&self) -> Option<u64> {
+    /// A memory figure from /proc/<pid>/status (VmRSS: now, VmHWM: peak), in KiB.
+    fn memory_kib(&self, field: &str) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let line = status
+            .lines()
+            .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))?;
         line.split_whitespace().nth(1)?.parse().ok()
     }
 
     /// SIGTERM (graceful shutdown), then SIGKILL if it has not exited in time.
     async fn stop(mut self) -> Result<std::process::ExitStatus> {
         if self.child.try_wait()?.is_none() {
-            let sent = std::process::Command::new("kill").args(["-TERM", &self.pid.to_string()]).status();
+            let sent = std::process::Command::new("kill")
+                .args(["-TERM", &self.pid.to_string()])
+                .status();
             if !sent.is_ok_and(|s| s.success()) {
                 self.child.start_kill()?;
             }
@@ -540,16 +741,29 @@ impl Server {
 }
 
 /// Poll `GET {base}/metadata` until it answers 200 (bounded by READY_TIMEOUT).
-async fn wait_ready(client: &reqwest::Client, base: &str, mut server: Option<&mut Server>) -> Result<Duration> {
+async fn wait_ready(
+    client: &reqwest::Client,
+    base: &str,
+    mut server: Option<&mut Server>,
+) -> Result<Duration> {
     let start = Instant::now();
     let mut last = String::from("no attempt");
     while start.elapsed() < READY_TIMEOUT {
         if let Some(s) = server.as_deref_mut() {
             s.exited()?;
         }
-        match client.get(format!("{base}/metadata")).timeout(Duration::from_secs(5)).send().await {
+        match client
+            .get(format!("{base}/metadata"))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+        {
             Ok(r) if r.status() == reqwest::StatusCode::OK => return Ok(start.elapsed()),
-            Ok(r) => last = format!("HTTP {}", r.status()),
+            // up, but not a FHIR base that this bench can use: waiting will not help
+            Ok(r) => bail!(
+                "GET {base}/metadata answered HTTP {}: is this the FHIR base URL?",
+                r.status()
+            ),
             Err(e) => last = error_chain(&e),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -579,15 +793,23 @@ struct Outcome {
 
 /// Check a transaction-response: 11 entries, the Patient 201 or 200 (matched), the rest 201.
 fn check_response(body: &[u8]) -> std::result::Result<bool, String> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| format!("response is not JSON ({e})"))?;
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| format!("response is not JSON ({e})"))?;
     if v["resourceType"] != "Bundle" || v["type"] != "transaction-response" {
         return Err("response is not a transaction-response Bundle".into());
     }
     let entries = v["entry"].as_array().map(Vec::as_slice).unwrap_or_default();
     if entries.len() != RESOURCES_PER_BUNDLE {
-        return Err(format!("response has {} entries, expected {RESOURCES_PER_BUNDLE}", entries.len()));
+        return Err(format!(
+            "response has {} entries, expected {RESOURCES_PER_BUNDLE}",
+            entries.len()
+        ));
     }
-    let status = |i: usize| entries[i]["response"]["status"].as_str().unwrap_or("(none)");
+    let status = |i: usize| {
+        entries[i]["response"]["status"]
+            .as_str()
+            .unwrap_or("(none)")
+    };
     if let Some(i) = (1..entries.len()).find(|&i| !status(i).starts_with("201")) {
         return Err(format!("entry {i} has status {}, expected 201", status(i)));
     }
@@ -613,16 +835,29 @@ async fn post_bundle(client: &reqwest::Client, base: &str, index: usize, body: V
         Ok(resp) => {
             let status = resp.status();
             match resp.bytes().await {
-                Err(e) => Err(format!("HTTP {status}, reading the body failed: {}", error_chain(&e))),
-                Ok(bytes) if status != reqwest::StatusCode::OK => {
-                    Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)))
-                }
-                Ok(bytes) => check_response(&bytes)
-                    .map_err(|e| format!("HTTP {status}, {e}: {}", String::from_utf8_lossy(&bytes))),
+                Err(e) => Err(format!(
+                    "HTTP {status}, reading the body failed: {}",
+                    error_chain(&e)
+                )),
+                Ok(bytes) if status != reqwest::StatusCode::OK => Err(format!(
+                    "HTTP {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                )),
+                Ok(bytes) => check_response(&bytes).map_err(|e| {
+                    format!("HTTP {status}, {e}: {}", String::from_utf8_lossy(&bytes))
+                }),
             }
         }
     };
-    Outcome { index, latency: start.elapsed(), result }
+    Outcome {
+        index,
+        latency: start.elapsed(),
+        result,
+    }
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
 }
 
 /// Nearest-rank percentile of sorted latencies, in ms.
@@ -651,7 +886,18 @@ async fn main() -> ExitCode {
 /// Ok(true) when every Bundle succeeded; Err for problems outside the timed requests.
 async fn run() -> Result<bool> {
     let cfg = Config::from_env()?;
-    println!("config: N={} C={} repeat={}% seed={} target={:?}", cfg.n, cfg.c, cfg.repeat_pct, cfg.seed, cfg.target);
+    let target = match &cfg.target {
+        Target::Spawn { database, .. } => format!(
+            "spawn {} --database {}",
+            env!("CARGO_BIN_EXE_sentinella"),
+            redact(database)
+        ),
+        Target::External { base } => format!("running server at {base}"),
+    };
+    println!(
+        "config: N={} C={} repeat={}% seed={} target: {target}",
+        cfg.n, cfg.c, cfg.repeat_pct, cfg.seed
+    );
     println!("reproduce: {}", cfg.reproduce_line());
 
     let t = Instant::now();
@@ -698,7 +944,15 @@ async fn run() -> Result<bool> {
 
     let measured = async {
         let ready = wait_ready(&client, &base, server.as_mut()).await?;
-        println!("server ready at {base} after {:.2} s", ready.as_secs_f64());
+        // the resident set before any load: definitions and compiled schemas
+        match server.as_ref().and_then(|s| s.memory_kib("VmRSS")) {
+            Some(kib) => println!(
+                "server ready at {base} after {:.2} s, RSS {:.1} MiB",
+                ready.as_secs_f64(),
+                mib(kib)
+            ),
+            None => println!("server ready at {base} after {:.2} s", ready.as_secs_f64()),
+        }
         let start = Instant::now();
         let outcomes: Vec<Outcome> = futures::stream::iter(work.bodies.into_iter().enumerate())
             .map(|(i, body)| post_bundle(&client, &base, i, body))
@@ -708,7 +962,7 @@ async fn run() -> Result<bool> {
         anyhow::Ok((start.elapsed(), outcomes))
     }
     .await;
-    let peak_rss = server.as_ref().and_then(Server::peak_rss_kib);
+    let peak_rss = server.as_ref().and_then(|s| s.memory_kib("VmHWM"));
     let (elapsed, outcomes) = match measured {
         Ok(m) => m,
         Err(e) => {
@@ -719,7 +973,10 @@ async fn run() -> Result<bool> {
 
     let mut failures: Vec<&Outcome> = outcomes.iter().filter(|o| o.result.is_err()).collect();
     failures.sort_by_key(|o| o.index);
-    let created = outcomes.iter().filter(|o| matches!(o.result, Ok(true))).count();
+    let created = outcomes
+        .iter()
+        .filter(|o| matches!(o.result, Ok(true)))
+        .count();
     let mut latencies: Vec<Duration> = outcomes.iter().map(|o| o.latency).collect();
     latencies.sort_unstable();
     let secs = elapsed.as_secs_f64();
@@ -728,8 +985,18 @@ async fn run() -> Result<bool> {
     let dedup_ok = !failures.is_empty() || created == work.distinct_patients;
 
     println!("---");
-    println!("N={} C={} database={} repeat={}% seed={}", cfg.n, cfg.c, cfg.db_kind(), cfg.repeat_pct, cfg.seed);
-    println!("elapsed {secs:.2} s | {rate:.1} Bundles/s | {:.1} resources/s", rate * RESOURCES_PER_BUNDLE as f64);
+    println!(
+        "N={} C={} database={} repeat={}% seed={}",
+        cfg.n,
+        cfg.c,
+        cfg.db_kind(),
+        cfg.repeat_pct,
+        cfg.seed
+    );
+    println!(
+        "elapsed {secs:.2} s | {rate:.1} Bundles/s | {:.1} resources/s",
+        rate * RESOURCES_PER_BUNDLE as f64
+    );
     println!(
         "latency ms: p50 {:.1} | p99 {:.1} | max {:.1}",
         percentile_ms(&latencies, 50.0),
@@ -740,14 +1007,23 @@ async fn run() -> Result<bool> {
         "failures {} | Patients created {created} (expected {}){}",
         failures.len(),
         work.distinct_patients,
-        if dedup_ok { "" } else { " MISMATCH: ifNoneExist did not deduplicate" }
+        if dedup_ok {
+            ""
+        } else {
+            " MISMATCH: ifNoneExist did not deduplicate"
+        }
     );
     match peak_rss {
-        Some(kib) => println!("server peak RSS {:.1} MiB", kib as f64 / 1024.0),
+        Some(kib) => println!("server peak RSS {:.1} MiB", mib(kib)),
         None => println!("server peak RSS n/a"),
     }
     if let Some(first) = failures.first() {
-        let msg = first.result.as_ref().err().map(String::as_str).unwrap_or_default();
+        let msg = first
+            .result
+            .as_ref()
+            .err()
+            .map(String::as_str)
+            .unwrap_or_default();
         println!("first failure (Bundle {}): {msg}", first.index);
     }
 
@@ -761,16 +1037,20 @@ async fn run() -> Result<bool> {
 async fn cleanup(server: Option<Server>, pg: Option<PgDatabase>, target: &Target, ok: bool) {
     if let Some(s) = server {
         let log = s.log.clone();
-        match s.stop().await {
-            Ok(status) if status.success() => {
-                if ok {
-                    let _ = std::fs::remove_file(&log);
-                }
+        let clean = match s.stop().await {
+            Ok(status) if status.success() => true,
+            Ok(status) => {
+                eprintln!("the server exited with {status}");
+                false
             }
-            Ok(status) => eprintln!("the server exited with {status}; its log is {}", log.display()),
-            Err(e) => eprintln!("stopping the server: {e:#}; its log is {}", log.display()),
-        }
-        if !ok {
+            Err(e) => {
+                eprintln!("stopping the server: {e:#}");
+                false
+            }
+        };
+        if ok && clean {
+            let _ = std::fs::remove_file(&log);
+        } else {
             eprintln!("server log kept: {}", log.display());
         }
     }
@@ -779,7 +1059,10 @@ async fn cleanup(server: Option<Server>, pg: Option<PgDatabase>, target: &Target
     {
         eprintln!("dropping the benchmark database: {e:#}");
     }
-    if let Target::Spawn { database, fresh: true } = target
+    if let Target::Spawn {
+        database,
+        fresh: true,
+    } = target
         && let Some(path) = database.strip_prefix("sqlite://")
     {
         for suffix in ["", "-wal", "-shm"] {

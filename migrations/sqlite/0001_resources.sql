@@ -36,6 +36,7 @@ CREATE TABLE search_index (
     lo            INTEGER,
     hi            INTEGER
 );
-CREATE INDEX search_index_by_value ON search_index (resource_type, param, value, system);
-CREATE INDEX search_index_by_date ON search_index (resource_type, param, lo, hi);
+-- partial indexes: a row is either a text value or a date range, never both
+CREATE INDEX search_index_by_value ON search_index (resource_type, param, value, system) WHERE value IS NOT NULL;
+CREATE INDEX search_index_by_date ON search_index (resource_type, param, lo, hi) WHERE lo IS NOT NULL;
 CREATE INDEX search_index_by_resource ON search_index (resource_type, id);

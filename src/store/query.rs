@@ -96,7 +96,7 @@ impl SearchQuery {
         )];
         parts.push("r.deleted = FALSE".into());
         for c in &self.conditions {
-            parts.push(condition_sql(c, sql));
+            parts.push(condition_sql(&self.resource_type, c, sql));
         }
         parts.join(" AND ")
     }
@@ -135,7 +135,8 @@ impl SearchQuery {
     }
 }
 
-fn condition_sql(c: &Condition, sql: &mut Sql) -> String {
+/// Conditions on the index select ids from it (an indexed lookup) rather than probing it per row.
+fn condition_sql(rt: &str, c: &Condition, sql: &mut Sql) -> String {
     match c {
         Condition::Id(ids) => {
             let ors: Vec<String> = ids
@@ -166,18 +167,18 @@ fn condition_sql(c: &Condition, sql: &mut Sql) -> String {
             let p = sql.bind(Bind::Text(param.clone()));
             let ors: Vec<String> = any_of.iter().map(|m| match_sql(m, sql)).collect();
             let not = if *negate { "NOT " } else { "" };
+            let t = sql.bind(Bind::Text(rt.to_string()));
             format!(
-                "{not}EXISTS (SELECT 1 FROM search_index s WHERE s.resource_type = r.resource_type AND s.id = r.id \
-                 AND s.param = {p} AND ({}))",
+                "r.id {not}IN (SELECT s.id FROM search_index s WHERE s.resource_type = {t} AND s.param = {p} AND ({}))",
                 ors.join(" OR ")
             )
         }
         Condition::Missing { param, missing } => {
             let p = sql.bind(Bind::Text(param.clone()));
             let not = if *missing { "NOT " } else { "" };
+            let t = sql.bind(Bind::Text(rt.to_string()));
             format!(
-                "{not}EXISTS (SELECT 1 FROM search_index s WHERE s.resource_type = r.resource_type AND s.id = r.id \
-                 AND s.param = {p})"
+                "r.id {not}IN (SELECT s.id FROM search_index s WHERE s.resource_type = {t} AND s.param = {p})"
             )
         }
     }
@@ -240,12 +241,13 @@ mod tests {
         };
         let sql = q.page_sql();
         assert!(
-            sql.text
-                .contains("s.param = $2 AND ((s.value = $3 AND s.system = $4))"),
+            sql.text.contains(
+                "s.resource_type = $5 AND s.param = $2 AND ((s.value = $3 AND s.system = $4))"
+            ),
             "{}",
             sql.text
         );
-        assert!(sql.text.ends_with("LIMIT $5 OFFSET $6"));
-        assert_eq!(sql.binds.len(), 6);
+        assert!(sql.text.ends_with("LIMIT $6 OFFSET $7"));
+        assert_eq!(sql.binds.len(), 7);
     }
 }

@@ -407,7 +407,11 @@ mod sqlite {
             // FULL: a commit is on disk before the 2xx (WAL with NORMAL may lose the last commits)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // savepoints (group commit) keep their sub-journal in memory, not in a temp file
+            .pragma("temp_store", "memory")
+            // 64 MiB page cache: the indexes of a busy day stay in memory
+            .pragma("cache_size", "-65536");
         {
             let migrator = SqlitePoolOptions::new()
                 .max_connections(1)
