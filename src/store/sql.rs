@@ -27,8 +27,22 @@ pub async fn connect(url: &str) -> StoreResult<SharedStore> {
     }
 }
 
-/// Rows per multi-row INSERT into search_index (7 binds each; well under both drivers' limits).
-const INDEX_BATCH: usize = 400;
+/// Row counts of the multi-row INSERTs into search_index. Only these few statement shapes exist, so
+/// the drivers' prepared-statement caches hit (a statement per distinct row count was re-prepared
+/// on most writes).
+const INDEX_BATCHES: [usize; 3] = [32, 8, 1];
+
+/// Split `n` rows into chunks of the fixed batch sizes, largest first.
+fn index_chunks(mut n: usize) -> Vec<usize> {
+    let mut out = Vec::new();
+    for size in INDEX_BATCHES {
+        while n >= size {
+            out.push(size);
+            n -= size;
+        }
+    }
+    out
+}
 
 /// Stable 64-bit key for advisory locks (FNV-1a).
 fn lock_key(key: &str) -> i64 {
@@ -344,7 +358,10 @@ macro_rules! sql_backend {
                     .bind(&v.body)
                     .execute(&mut *self.tx)
                     .await?;
-                    for chunk in v.index.chunks(INDEX_BATCH) {
+                    let mut rest = v.index.as_slice();
+                    for size in index_chunks(rest.len()) {
+                        let (chunk, tail) = rest.split_at(size);
+                        rest = tail;
                         let mut q = sqlx::query(AssertSqlSafe(index_insert_sql(chunk.len())));
                         for e in chunk {
                             q = q.bind(&v.resource_type).bind(&v.id).bind(&e.param);
@@ -455,5 +472,17 @@ mod postgres {
 
     pub async fn commit(tx: sqlx::Transaction<'static, sqlx::Postgres>) -> StoreResult<()> {
         Ok(tx.commit().await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::index_chunks;
+
+    #[test]
+    fn index_rows_split_into_the_fixed_batch_sizes() {
+        assert_eq!(index_chunks(0), Vec::<usize>::new());
+        assert_eq!(index_chunks(75), vec![32, 32, 8, 1, 1, 1]);
+        assert_eq!(index_chunks(75).iter().sum::<usize>(), 75);
     }
 }
