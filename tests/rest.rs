@@ -47,11 +47,6 @@ on_both_databases! {
     }
 
     async fn decimal_precision_and_key_order_are_kept(app) {
-        let obs = json!({
-            "resourceType": "Observation", "status": "final",
-            "code": {"coding": [{"system": "http://loinc.org", "code": "18932-4"}]},
-            "valueQuantity": {"value": 6.30, "unit": "mg/L", "system": "http://unitsofmeasure.org", "code": "mg/L"}
-        });
         let body = r#"{"resourceType":"Observation","status":"final","code":{"coding":[{"system":"http://loinc.org","code":"18932-4"}]},"valueQuantity":{"value":6.30,"unit":"mg/L","system":"http://unitsofmeasure.org","code":"mg/L"}}"#;
         let r = app.request(axum::http::Method::POST, "/fhir/Observation", &[("content-type", "application/fhir+json")], Some(body.as_bytes().to_vec())).await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
@@ -59,7 +54,6 @@ on_both_databases! {
         let read = app.get(&format!("/fhir/Observation/{id}")).await;
         assert!(read.text.contains(r#""valueQuantity":{"value":6.30,"unit":"mg/L""#), "{}", read.text);
         assert!(read.text.contains(r#""status":"final","code""#), "{}", read.text);
-        let _ = obs;
     }
 
     async fn update_with_stale_if_match_is_412_and_changes_nothing(app) {
