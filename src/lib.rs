@@ -6,5 +6,6 @@ pub mod api;
 pub mod config;
 pub mod error;
 pub mod fhir;
+pub mod italy;
 pub mod server;
 pub mod store;

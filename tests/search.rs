@@ -67,7 +67,7 @@ on_both_databases! {
         assert_eq!(app.get("/fhir/Patient?family:exact=Bianchi").await.body["total"], 1);
         assert_eq!(app.get("/fhir/Patient?family:exact=Bian").await.body["total"], 0);
         assert_eq!(app.get("/fhir/Organization?name:contains=niguarda").await.body["total"], 1);
-        assert_eq!(app.get("/fhir/Patient?identifier=http://hl7.it/sid/codiceFiscale|BNCLRA90A41F205X").await.body["total"], 1);
+        assert_eq!(app.get("/fhir/Patient?identifier=http://hl7.it/sid/codiceFiscale|BNCLRA90A41F205I").await.body["total"], 1);
 
         assert_eq!(app.get(&format!("/fhir/Patient?_id={patient}")).await.body["total"], 1);
         assert_eq!(app.get("/fhir/Patient?_lastUpdated=gt2000-01-01").await.body["total"], 1);

@@ -1,0 +1,2 @@
+//! Italian identifiers and places (shared/DOMAIN.md §3).
+pub mod codice_fiscale;
