@@ -51,6 +51,10 @@ pub struct Config {
     /// Public base URL of the FHIR endpoint (default: http://<Host header>/fhir).
     #[arg(long, env = "SENTINELLA_BASE_URL")]
     pub base_url: Option<String>,
+    /// EUCAST clinical breakpoint table used to interpret an MIC or zone sent without S/I/R
+    /// (a version in terminology/eucast-breakpoints.json; default: the newest).
+    #[arg(long, env = "SENTINELLA_EUCAST_VERSION")]
+    pub eucast_version: Option<String>,
 }
 
 impl Config {
@@ -62,6 +66,7 @@ impl Config {
             log_format: LogFormat::Text,
             max_body_bytes: 10 * 1024 * 1024,
             base_url: None,
+            eucast_version: None,
         }
     }
 }

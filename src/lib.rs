@@ -1,7 +1,8 @@
 //! Sentinella: an HL7 FHIR R4 server for Italian infectious-disease notification and CRE surveillance.
 //!
 //! The modules read as the pipeline: `api` (HTTP) → `fhir` (parsing, validation, search extraction)
-//! → `store` (versioned storage on SQLite or PostgreSQL).
+//! → `store` (versioned storage on SQLite or PostgreSQL) → `surveillance` (the case definitions,
+//! applied inside each write transaction) with `terminology` (the code lists they read).
 pub mod api;
 pub mod config;
 pub mod error;
@@ -9,3 +10,5 @@ pub mod fhir;
 pub mod italy;
 pub mod server;
 pub mod store;
+pub mod surveillance;
+pub mod terminology;

@@ -8,11 +8,20 @@ use crate::api::{AppState, router};
 use crate::config::Config;
 use crate::fhir::Definitions;
 use crate::fhir::schema::SchemaValidators;
-use crate::store::{self, StoreResult};
+use crate::store;
+use crate::surveillance::Engine;
+use crate::terminology::Terminology;
 
-/// Open the database (running migrations) and build the application router.
-pub async fn build_app(config: Config) -> StoreResult<Router> {
+/// Open the database (running migrations), load the rules and build the application router.
+pub async fn build_app(config: Config) -> anyhow::Result<Router> {
     let store = store::connect(&config.database).await?;
+    let engine = Engine::new(config.eucast_version.as_deref()).map_err(anyhow::Error::msg)?;
+    tracing::info!(
+        case_definition = %engine.definition.canonical(),
+        eucast = %engine.breakpoints.version,
+        local_code_systems = Terminology::get().local_systems().count(),
+        "surveillance rules loaded"
+    );
     // parse definitions and compile every schema validator before the first request
     tokio::task::spawn_blocking(|| {
         let (checked, skipped) = Definitions::get().structures.invariant_counts();
@@ -28,6 +37,7 @@ pub async fn build_app(config: Config) -> StoreResult<Router> {
     Ok(router(AppState {
         store,
         config: Arc::new(config),
+        engine: Arc::new(engine),
     }))
 }
 

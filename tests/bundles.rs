@@ -3,6 +3,7 @@ mod common;
 
 use axum::http::StatusCode;
 use common::fixture;
+use sentinella::italy::codice_fiscale::CodiceFiscale;
 use serde_json::json;
 
 on_both_databases! {
@@ -133,8 +134,10 @@ on_both_databases! {
         for i in 0..24 {
             let app = app.clone();
             let mut bundle = fixture("antibiogram-transaction.json");
-            bundle["entry"][0]["resource"]["identifier"][0]["value"] = json!(format!("CF{i:014}"));
-            bundle["entry"][0]["request"]["ifNoneExist"] = json!(format!("identifier=http://hl7.it/sid/codiceFiscale|CF{i:014}"));
+            // a distinct, valid codice fiscale per Bundle: day of birth i+1
+            let cf = CodiceFiscale::complete(&format!("BNCLRA90A{:02}F205", i + 1)).expect("valid");
+            bundle["entry"][0]["resource"]["identifier"][0]["value"] = json!(cf.as_str());
+            bundle["entry"][0]["request"]["ifNoneExist"] = json!(format!("identifier=http://hl7.it/sid/codiceFiscale|{}", cf.as_str()));
             let failing = i % 4 == 0;
             if failing {
                 bundle["entry"].as_array_mut().unwrap().push(json!({

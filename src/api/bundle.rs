@@ -11,10 +11,11 @@ use super::AppState;
 use super::format::{BaseUrl, FhirBody, Prefer, ReturnPref, fhir_json, negotiate};
 use super::interactions::{self, Written, conditional_match, parse_etag};
 use super::responses::{bundle, entry_response, parse_body};
-use crate::error::{ApiError, ApiResult, Issue};
+use crate::error::{ApiError, ApiResult, Issue, operation_outcome};
 use crate::fhir::resource::{for_each_reference, is_valid_id, parse_json, resource_type, validate};
 use crate::fhir::schema::SchemaValidators;
 use crate::store::StoreTx;
+use crate::surveillance::local_codes;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Method {
@@ -40,6 +41,8 @@ struct Entry {
     resource: Option<Value>,
     /// A transaction's conditional POST already matched this existing resource.
     existing: bool,
+    /// Unmapped local codes: the entry succeeds and its response carries them.
+    warnings: Vec<Issue>,
 }
 
 /// An error located at an entry: its path is prefixed `Bundle.entry[i]`.
@@ -180,6 +183,7 @@ fn parse_entry(index: usize, e: &Value) -> ApiResult<Entry> {
         full_url: e["fullUrl"].as_str().map(String::from),
         resource,
         existing: false,
+        warnings: Vec::new(),
     })
 }
 
@@ -201,19 +205,23 @@ fn validate_bundle(b: &Value) -> ApiResult<Vec<Entry>> {
     let raw = b["entry"].as_array().unwrap_or(&empty);
     let mut entries = Vec::with_capacity(raw.len());
     let mut issues = Vec::new();
+    let mut status = None;
     for (i, e) in raw.iter().enumerate() {
-        let entry = parse_entry(i, e)?;
-        if let Some(r) = &entry.resource
-            && let Err(err) = validate(r)
-        {
-            issues.extend(at_entry(i, err).issues());
+        let mut entry = parse_entry(i, e)?;
+        if let Some(r) = &entry.resource {
+            match validate(r) {
+                Err(err) => {
+                    status.get_or_insert(err.status());
+                    issues.extend(at_entry(i, err).issues());
+                }
+                Ok(()) => entry.warnings = local_codes::warnings(r),
+            }
         }
         entries.push(entry);
     }
-    if issues.is_empty() {
-        Ok(entries)
-    } else {
-        Err(ApiError::invalid(issues))
+    match status {
+        None => Ok(entries),
+        Some(status) => Err(ApiError::Invalid { status, issues }),
     }
 }
 
@@ -221,15 +229,18 @@ struct Done {
     status: &'static str,
     written: Option<Written>,
     location: bool,
+    warnings: Vec<Issue>,
 }
 
 /// Run one entry (after ids are assigned and references resolved).
 async fn execute(tx: &mut dyn StoreTx, e: &mut Entry) -> ApiResult<Done> {
+    let warnings = std::mem::take(&mut e.warnings);
     let done = |status, written, location| {
         Ok(Done {
             status,
             written,
             location,
+            warnings,
         })
     };
     match e.method {
@@ -308,6 +319,19 @@ async fn execute(tx: &mut dyn StoreTx, e: &mut Entry) -> ApiResult<Done> {
 }
 
 fn response_entry(d: &Done, prefer: Prefer, base: &BaseUrl) -> ApiResult<Value> {
+    let entry = written_entry(d, prefer, base)?;
+    Ok(with_warnings(entry, &d.warnings))
+}
+
+/// Warnings go in the entry's `response.outcome` (FHIR: an OperationOutcome about that entry).
+fn with_warnings(mut entry: Value, warnings: &[Issue]) -> Value {
+    if !warnings.is_empty() {
+        entry["response"]["outcome"] = operation_outcome(warnings);
+    }
+    entry
+}
+
+fn written_entry(d: &Done, prefer: Prefer, base: &BaseUrl) -> ApiResult<Value> {
     let Some(w) = &d.written else {
         return Ok(json!({"response": {"status": d.status}}));
     };
@@ -359,7 +383,7 @@ async fn transaction(
     base: &BaseUrl,
 ) -> ApiResult<Response> {
     let mut entries = validate_bundle(b)?;
-    let mut tx = state.store.begin().await?;
+    let mut tx = state.begin().await?;
     // 1. ids: POST entries get new ids (or the match of their ifNoneExist), conditional PUTs their match
     let mut ids: HashMap<String, String> = HashMap::new();
     for e in entries.iter_mut() {
@@ -442,6 +466,7 @@ async fn batch(state: &AppState, b: &Value, prefer: Prefer, base: &BaseUrl) -> A
             let mut e = parse_entry(i, raw_entry)?;
             if let Some(r) = e.resource.as_mut() {
                 validate(r).map_err(|err| at_entry(i, err))?;
+                e.warnings = local_codes::warnings(r);
                 let mut dangling = None;
                 for_each_reference(r, "", &mut |reference, path| {
                     if reference.starts_with("urn:uuid:") && dangling.is_none() {
@@ -456,7 +481,7 @@ async fn batch(state: &AppState, b: &Value, prefer: Prefer, base: &BaseUrl) -> A
                     ));
                 }
             }
-            let mut tx = state.store.begin().await?;
+            let mut tx = state.begin().await?;
             let d = execute(tx.as_mut(), &mut e)
                 .await
                 .map_err(|err| at_entry(i, err))?;

@@ -46,7 +46,7 @@ pub async fn create(
     super::require_type(&rt)?;
     let resource = read_resource(&rt, &body)?;
     let id = uuid::Uuid::new_v4().to_string();
-    let mut tx = state.store.begin().await?;
+    let mut tx = state.begin().await?;
     let written = match header(&headers, "if-none-exist") {
         Some(q) => interactions::create_if_none_exist(tx.as_mut(), resource, &id, q).await?,
         None => interactions::create(tx.as_mut(), resource, &id).await?,
@@ -168,7 +168,7 @@ pub async fn update(
         }
     }
     let expected = if_match(&headers)?;
-    let mut tx = state.store.begin().await?;
+    let mut tx = state.begin().await?;
     let written = interactions::update(tx.as_mut(), resource, &id, expected).await?;
     tx.commit().await?;
     let status = if written.created {
@@ -192,7 +192,7 @@ pub async fn delete(
 ) -> ApiResult<Response> {
     super::require_type(&rt)?;
     let expected = if_match(&headers)?;
-    let mut tx = state.store.begin().await?;
+    let mut tx = state.begin().await?;
     let deleted = interactions::delete(tx.as_mut(), &rt, &id, expected).await?;
     tx.commit().await?;
     let mut r = Response::new(axum::body::Body::empty());
@@ -218,7 +218,7 @@ pub async fn conditional_update(
     super::require_type(&rt)?;
     let q = query.unwrap_or_default();
     let mut resource = read_resource(&rt, &body)?;
-    let mut tx = state.store.begin().await?;
+    let mut tx = state.begin().await?;
     let body_id = resource
         .get("id")
         .and_then(|v| v.as_str())
@@ -264,7 +264,7 @@ pub async fn conditional_delete(
 ) -> ApiResult<Response> {
     super::require_type(&rt)?;
     let q = query.unwrap_or_default();
-    let mut tx = state.store.begin().await?;
+    let mut tx = state.begin().await?;
     if let Some(id) = interactions::conditional_match(tx.as_mut(), &rt, &q).await? {
         interactions::delete(tx.as_mut(), &rt, &id, None).await?;
     }

@@ -4,9 +4,8 @@ use serde_json::Value;
 
 use super::search::{SearchRequest, parse_search};
 use crate::error::{ApiError, ApiResult};
-use crate::fhir::Definitions;
-use crate::fhir::datetime::{format_instant, now_micros};
-use crate::fhir::resource::{resource_type, stamp};
+use crate::fhir::datetime::now_micros;
+use crate::fhir::resource::resource_type;
 use crate::store::{NewVersion, StoreError, StoreTx, StoredResource};
 
 /// A version the transaction wrote (or, for a conditional create that matched, found).
@@ -18,24 +17,13 @@ pub struct Written {
 }
 
 fn new_version(
-    mut resource: Value,
+    resource: Value,
     rt: &str,
     id: &str,
     version_id: i64,
     method: &'static str,
 ) -> NewVersion {
-    let now = now_micros();
-    stamp(&mut resource, id, version_id, &format_instant(now));
-    let index = Definitions::get().search.extract(&resource);
-    NewVersion {
-        resource_type: rt.to_string(),
-        id: id.to_string(),
-        version_id,
-        last_updated: now,
-        body: Some(serde_json::to_string(&resource).unwrap_or_default()),
-        method,
-        index,
-    }
+    NewVersion::stamped(resource, rt, id, version_id, method)
 }
 
 fn stored_of(v: NewVersion) -> StoredResource {
@@ -86,7 +74,9 @@ pub async fn conditional_match(
     query: &str,
 ) -> ApiResult<Option<String>> {
     let request = SearchRequest::from_query(query);
-    let parsed = parse_search(rt, &request, false)?;
+    let mut parsed = parse_search(rt, &request, false)?;
+    // two matches are enough to know there is more than one
+    parsed.query.count = 2;
     if parsed.query.conditions.is_empty() {
         return Err(ApiError::BadRequest(format!(
             "the conditional search '{query}' has no search criteria"

@@ -18,12 +18,22 @@ use tower_http::trace::TraceLayer;
 
 use crate::config::Config;
 use crate::error::{ApiError, ApiResult};
-use crate::store::SharedStore;
+use crate::store::{SharedStore, StoreTx};
+use crate::surveillance::{Engine, SurveillanceTx};
 
 #[derive(Clone)]
 pub struct AppState {
     pub store: SharedStore,
     pub config: Arc<Config>,
+    pub engine: Arc<Engine>,
+}
+
+impl AppState {
+    /// A write transaction; the surveillance rules run on what it wrote before it commits.
+    pub async fn begin(&self) -> ApiResult<Box<dyn StoreTx>> {
+        let inner = self.store.begin().await?;
+        Ok(SurveillanceTx::wrap(inner, self.engine.clone()))
+    }
 }
 
 /// 404 for a type the server does not serve (FHIR: unknown resource type).

@@ -4,6 +4,7 @@ pub mod datetime;
 pub mod definitions;
 pub mod fhirpath;
 pub mod invariants;
+pub mod profile;
 pub mod resource;
 pub mod schema;
 pub mod search_params;

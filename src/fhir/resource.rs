@@ -61,10 +61,15 @@ pub fn validate(resource: &Value) -> Result<(), ApiError> {
         let defs = Definitions::get();
         issues = defs.structures.validate(resource, &defs.valuesets);
     }
+    if !issues.is_empty() {
+        return Err(ApiError::invalid(issues));
+    }
+    // national rules (a valid codice fiscale): well-formed FHIR that breaks them is a 422
+    let issues = crate::italy::check(resource);
     if issues.is_empty() {
         Ok(())
     } else {
-        Err(ApiError::invalid(issues))
+        Err(ApiError::unprocessable(issues))
     }
 }
 

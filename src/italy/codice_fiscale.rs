@@ -126,6 +126,17 @@ impl CodiceFiscale {
         &self.0
     }
 
+    /// Complete 15 characters (upper case, already well formed) with their check character:
+    /// for tools and test data that need valid codes.
+    pub fn complete(first15: &str) -> Option<Self> {
+        let upper = first15.to_ascii_uppercase();
+        if upper.len() != 15 || !upper.is_ascii() {
+            return None;
+        }
+        let check = check_character(upper.as_bytes());
+        Self::parse(&format!("{upper}{check}")).ok()
+    }
+
     /// The person's identity: the first 15 characters with omocodia letters turned back into
     /// digits. Every omocodia variant of one person has the same identity.
     pub fn identity(&self) -> String {

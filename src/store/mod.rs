@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-pub use query::{Condition, SearchQuery, Sort};
+pub use query::{Condition, Match, SearchQuery, Sort, SystemMatch};
 pub use sql::connect;
 
 use crate::fhir::search_params::IndexEntry;
@@ -24,6 +24,9 @@ pub enum StoreError {
     VersionConflict { resource_type: String, id: String },
     #[error("the group commit failed: {0}")]
     GroupCommit(String),
+    /// The surveillance rules could not complete (a defect: the write is rolled back).
+    #[error("surveillance rules failed: {0}")]
+    Rule(String),
     #[error("unsupported database URL '{0}': use sqlite://PATH or postgres://…")]
     BadUrl(String),
 }
@@ -67,6 +70,31 @@ pub struct NewVersion {
     pub index: Vec<IndexEntry>,
 }
 
+impl NewVersion {
+    /// Stamp `resource` (id, versionId, lastUpdated = now) and extract its search index entries.
+    pub fn stamped(
+        mut resource: serde_json::Value,
+        resource_type: &str,
+        id: &str,
+        version_id: i64,
+        method: &'static str,
+    ) -> NewVersion {
+        use crate::fhir::datetime::{format_instant, now_micros};
+        let now = now_micros();
+        crate::fhir::resource::stamp(&mut resource, id, version_id, &format_instant(now));
+        let index = crate::fhir::Definitions::get().search.extract(&resource);
+        NewVersion {
+            resource_type: resource_type.to_string(),
+            id: id.to_string(),
+            version_id,
+            last_updated: now,
+            body: Some(serde_json::to_string(&resource).unwrap_or_default()),
+            method,
+            index,
+        }
+    }
+}
+
 /// A page of search results.
 #[derive(Debug, Default)]
 pub struct SearchPage {
@@ -82,6 +110,34 @@ pub struct HistoryQuery {
     pub since: Option<i64>,
     pub count: i64,
     pub offset: i64,
+}
+
+/// The deduplication key of a CRE case: one case per patient identity, species and calendar year.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CaseKey {
+    /// The codice fiscale identity (omocodia folded), or `Patient/<id>` without one.
+    pub identity: String,
+    pub species: String,
+    pub year: i32,
+}
+
+/// An isolate that met the CRE case definition at some point, and whether it still does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IsolateState {
+    pub isolate_id: String,
+    pub key: CaseKey,
+    /// µs since the epoch of the date that decided the year (earliest isolate wins the case).
+    pub ref_time: i64,
+    pub qualifies: bool,
+}
+
+/// A CRE case: the isolate it currently rests on, and whether it stands (not withdrawn).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaseRow {
+    pub case_id: String,
+    pub key: CaseKey,
+    pub isolate_id: String,
+    pub active: bool,
 }
 
 #[async_trait]
@@ -129,6 +185,22 @@ pub trait StoreTx: Send {
     /// Write a new version; `version_id - 1` must still be the current one (1 = must not exist).
     async fn write(&mut self, v: &NewVersion) -> StoreResult<()>;
     async fn commit(self: Box<Self>) -> StoreResult<()>;
+
+    // CRE surveillance state (migrations/*/0002_cre_cases.sql)
+    async fn cre_isolate(&mut self, isolate_id: &str) -> StoreResult<Option<IsolateState>>;
+    async fn cre_put_isolate(&mut self, s: &IsolateState) -> StoreResult<()>;
+    /// Ids of the isolates that meet the definition for `key`, earliest first.
+    async fn cre_qualifying(&mut self, key: &CaseKey) -> StoreResult<Vec<String>>;
+    async fn cre_active_case(&mut self, key: &CaseKey) -> StoreResult<Option<CaseRow>>;
+    /// Insert a new active case unless one is already active for its key (then `false`). The unique
+    /// index decides, so concurrent transactions and processes cannot both win.
+    async fn cre_claim_case(&mut self, c: &CaseRow, created_at: i64) -> StoreResult<bool>;
+    async fn cre_set_case(
+        &mut self,
+        case_id: &str,
+        isolate_id: &str,
+        active: bool,
+    ) -> StoreResult<()>;
 }
 
 pub type SharedStore = Arc<dyn Store>;

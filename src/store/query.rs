@@ -123,7 +123,10 @@ impl SearchQuery {
     pub fn ids_sql(&self) -> Sql {
         let mut sql = Sql::default();
         let w = self.where_clause(&mut sql);
-        sql.text = format!("SELECT r.id FROM resources r WHERE {w} LIMIT 2");
+        sql.text = format!(
+            "SELECT r.id FROM resources r WHERE {w} LIMIT {}",
+            self.count.max(1)
+        );
         sql
     }
 

@@ -11,8 +11,8 @@ use sqlx::{AssertSqlSafe, Row};
 
 use super::query::{Bind, COLUMNS, SearchQuery, Sql};
 use super::{
-    HistoryQuery, NewVersion, SearchPage, SharedStore, Store, StoreError, StoreResult, StoreTx,
-    StoredResource,
+    CaseKey, CaseRow, HistoryQuery, IsolateState, NewVersion, SearchPage, SharedStore, Store,
+    StoreError, StoreResult, StoreTx, StoredResource,
 };
 use crate::fhir::search_params::IndexValue;
 
@@ -383,6 +383,107 @@ macro_rules! sql_backend {
 
                 async fn commit(self: Box<Self>) -> StoreResult<()> {
                     $commit(self.tx).await
+                }
+
+                async fn cre_isolate(&mut self, isolate_id: &str) -> StoreResult<Option<IsolateState>> {
+                    let row = sqlx::query(
+                        "SELECT identity, species, year, ref_time, qualifies FROM cre_isolates WHERE isolate_id = $1",
+                    )
+                    .bind(isolate_id)
+                    .fetch_optional(&mut *self.tx)
+                    .await?;
+                    row.map(|r| -> StoreResult<IsolateState> {
+                        Ok(IsolateState {
+                            isolate_id: isolate_id.to_string(),
+                            key: CaseKey {
+                                identity: r.try_get("identity")?,
+                                species: r.try_get("species")?,
+                                year: r.try_get("year")?,
+                            },
+                            ref_time: r.try_get("ref_time")?,
+                            qualifies: r.try_get("qualifies")?,
+                        })
+                    })
+                    .transpose()
+                }
+
+                async fn cre_put_isolate(&mut self, s: &IsolateState) -> StoreResult<()> {
+                    sqlx::query(
+                        "INSERT INTO cre_isolates (isolate_id, identity, species, year, ref_time, qualifies) \
+                         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (isolate_id) DO UPDATE SET \
+                         identity = excluded.identity, species = excluded.species, year = excluded.year, \
+                         ref_time = excluded.ref_time, qualifies = excluded.qualifies",
+                    )
+                    .bind(&s.isolate_id)
+                    .bind(&s.key.identity)
+                    .bind(&s.key.species)
+                    .bind(s.key.year)
+                    .bind(s.ref_time)
+                    .bind(s.qualifies)
+                    .execute(&mut *self.tx)
+                    .await?;
+                    Ok(())
+                }
+
+                async fn cre_qualifying(&mut self, key: &CaseKey) -> StoreResult<Vec<String>> {
+                    let rows = sqlx::query(
+                        "SELECT isolate_id FROM cre_isolates WHERE identity = $1 AND species = $2 AND year = $3 \
+                         AND qualifies ORDER BY ref_time, isolate_id",
+                    )
+                    .bind(&key.identity)
+                    .bind(&key.species)
+                    .bind(key.year)
+                    .fetch_all(&mut *self.tx)
+                    .await?;
+                    rows.iter().map(|r| Ok(r.try_get::<String, _>(0)?)).collect()
+                }
+
+                async fn cre_active_case(&mut self, key: &CaseKey) -> StoreResult<Option<CaseRow>> {
+                    let row = sqlx::query(
+                        "SELECT case_id, isolate_id FROM cre_cases WHERE identity = $1 AND species = $2 AND year = $3 AND active",
+                    )
+                    .bind(&key.identity)
+                    .bind(&key.species)
+                    .bind(key.year)
+                    .fetch_optional(&mut *self.tx)
+                    .await?;
+                    row.map(|r| -> StoreResult<CaseRow> {
+                        Ok(CaseRow {
+                            case_id: r.try_get("case_id")?,
+                            key: key.clone(),
+                            isolate_id: r.try_get("isolate_id")?,
+                            active: true,
+                        })
+                    })
+                    .transpose()
+                }
+
+                async fn cre_claim_case(&mut self, c: &CaseRow, created_at: i64) -> StoreResult<bool> {
+                    let done = sqlx::query(
+                        "INSERT INTO cre_cases (case_id, identity, species, year, isolate_id, active, created_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                         ON CONFLICT (identity, species, year) WHERE active DO NOTHING",
+                    )
+                    .bind(&c.case_id)
+                    .bind(&c.key.identity)
+                    .bind(&c.key.species)
+                    .bind(c.key.year)
+                    .bind(&c.isolate_id)
+                    .bind(true)
+                    .bind(created_at)
+                    .execute(&mut *self.tx)
+                    .await?;
+                    Ok(done.rows_affected() == 1)
+                }
+
+                async fn cre_set_case(&mut self, case_id: &str, isolate_id: &str, active: bool) -> StoreResult<()> {
+                    sqlx::query("UPDATE cre_cases SET isolate_id = $2, active = $3 WHERE case_id = $1")
+                        .bind(case_id)
+                        .bind(isolate_id)
+                        .bind(active)
+                        .execute(&mut *self.tx)
+                        .await?;
+                    Ok(())
                 }
             }
         }

@@ -1,0 +1,73 @@
+//! The calendar year of a case: a FHIR date or dateTime read in the definition's time zone
+//! (Europe/Rome), so that 31 December 23:30 UTC is already 1 January in Italy.
+use jiff::Timestamp;
+use jiff::civil::Date;
+use jiff::tz::TimeZone;
+
+/// The date that decided a case's year, and where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReferenceDate {
+    /// As the sender wrote it.
+    pub text: String,
+    /// `raccolta-campione`, `osservazione` or `referto`.
+    pub source: &'static str,
+    pub year: i32,
+    /// µs since the epoch (the earliest isolate of a year is the case).
+    pub micros: i64,
+}
+
+pub fn reference_date(text: &str, source: &'static str, tz: &TimeZone) -> Option<ReferenceDate> {
+    let (year, micros) = if text.contains('T') {
+        let ts: Timestamp = text.parse().ok()?;
+        (ts.to_zoned(tz.clone()).year() as i32, ts.as_microsecond())
+    } else {
+        // a date without a time: its year is the written one; it starts at local midnight
+        let mut parts = text.split('-');
+        let y: i16 = parts.next()?.parse().ok()?;
+        let m: i8 = parts.next().map_or(Some(1), |m| m.parse().ok())?;
+        let d: i8 = parts.next().map_or(Some(1), |d| d.parse().ok())?;
+        let date = Date::new(y, m, d).ok()?;
+        let start = date.to_zoned(tz.clone()).ok()?;
+        (y as i32, start.timestamp().as_microsecond())
+    };
+    Some(ReferenceDate {
+        text: text.to_string(),
+        source,
+        year,
+        micros,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rome() -> TimeZone {
+        TimeZone::get("Europe/Rome").unwrap()
+    }
+
+    #[test]
+    fn new_year_is_decided_in_rome_not_in_utc() {
+        let d = reference_date("2025-12-31T23:30:00Z", "raccolta-campione", &rome()).unwrap();
+        assert_eq!(d.year, 2026);
+        let d = reference_date("2025-12-31T22:30:00Z", "raccolta-campione", &rome()).unwrap();
+        assert_eq!(d.year, 2025);
+        let d = reference_date("2026-01-01T00:10:00+01:00", "osservazione", &rome()).unwrap();
+        assert_eq!(d.year, 2026);
+    }
+
+    #[test]
+    fn dates_without_time_keep_their_year() {
+        assert_eq!(
+            reference_date("2025-12-31", "referto", &rome())
+                .unwrap()
+                .year,
+            2025
+        );
+        assert_eq!(
+            reference_date("2025", "referto", &rome()).unwrap().year,
+            2025
+        );
+        assert!(reference_date("soon", "referto", &rome()).is_none());
+    }
+}

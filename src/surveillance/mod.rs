@@ -1,0 +1,418 @@
+//! Surveillance rules: after every write and before its commit, the CRE case definition is applied
+//! to what the write touched, and case notifications are created, updated or withdrawn in the same
+//! database transaction, so a 2xx means the case exists (or does not) durably.
+pub mod calendar;
+pub mod definition;
+pub mod evaluate;
+mod links;
+pub mod local_codes;
+pub mod notification;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::fhir::datetime::{format_instant, now_micros};
+use crate::store::{
+    CaseKey, CaseRow, IsolateState, NewVersion, SearchQuery, StoreError, StoreResult, StoreTx,
+    StoredResource,
+};
+use crate::terminology::{BreakpointTable, Terminology};
+use definition::CaseDefinition;
+use evaluate::{Evaluation, Evaluator, Finding, is_isolate_code, is_relevant_observation};
+use links::{read, referencing, target, targets};
+
+/// The rule engine: the case definition, the terminology and the configured breakpoint table.
+pub struct Engine {
+    pub definition: CaseDefinition,
+    pub breakpoints: BreakpointTable,
+    tz: jiff::tz::TimeZone,
+}
+
+impl Engine {
+    /// Load the CRE definition and pick the EUCAST table (`None`: the newest).
+    pub fn new(eucast_version: Option<&str>) -> Result<Engine, String> {
+        let t = Terminology::get();
+        let definition = CaseDefinition::cre()?;
+        let breakpoints = t.breakpoints.table(eucast_version).cloned().ok_or_else(|| {
+            format!(
+                "EUCAST breakpoint table '{}' is not in terminology/eucast-breakpoints.json (there: {})",
+                eucast_version.unwrap_or_default(),
+                t.breakpoints.versions().join(", ")
+            )
+        })?;
+        let tz = jiff::tz::TimeZone::get(&definition.deduplication.time_zone)
+            .map_err(|e| e.to_string())?;
+        Ok(Engine {
+            definition,
+            breakpoints,
+            tz,
+        })
+    }
+
+    fn evaluator(&self) -> Evaluator<'_> {
+        Evaluator {
+            def: &self.definition,
+            terms: Terminology::get(),
+            breakpoints: &self.breakpoints,
+            tz: &self.tz,
+        }
+    }
+
+    /// Apply the rules to the resources a transaction wrote. Runs inside that transaction.
+    pub async fn apply(&self, tx: &mut dyn StoreTx, touched: &[Touched]) -> StoreResult<()> {
+        let t = Terminology::get();
+        let def = &self.definition;
+        // Writers that touch one patient's evidence run one after the other (PostgreSQL; SQLite has
+        // one writer anyway), so two halves of a case arriving at once cannot both miss the other.
+        let mut locks = BTreeSet::new();
+        for w in touched {
+            match w
+                .body
+                .as_ref()
+                .and_then(|b| target(&b["subject"], "Patient"))
+            {
+                Some(p) => locks.insert(format!("cre:Patient/{p}")),
+                None if w.resource_type == "Patient" => {
+                    locks.insert(format!("cre:Patient/{}", w.id))
+                }
+                None => locks.insert(format!("cre:{}/{}", w.resource_type, w.id)),
+            };
+        }
+        for l in &locks {
+            tx.lock(l).await?;
+        }
+
+        let mut candidates = BTreeSet::new();
+        for w in touched {
+            let reference = format!("{}/{}", w.resource_type, w.id);
+            match (w.resource_type.as_str(), &w.body) {
+                ("Observation", Some(b)) => {
+                    if !is_relevant_observation(def, t, b) {
+                        continue;
+                    }
+                    if is_isolate_code(def, t, b) {
+                        candidates.insert(w.id.clone());
+                    }
+                    candidates
+                        .extend(referencing(tx, "Observation", "has-member", &reference).await?);
+                    candidates.extend(targets(&b["derivedFrom"], "Observation"));
+                    if let Some(s) = target(&b["specimen"], "Specimen") {
+                        candidates.extend(
+                            referencing(tx, "Observation", "specimen", &format!("Specimen/{s}"))
+                                .await?,
+                        );
+                    }
+                    for r in referencing(tx, "DiagnosticReport", "result", &reference).await? {
+                        if let Some(report) = read(tx, "DiagnosticReport", &r).await? {
+                            candidates.extend(targets(&report["result"], "Observation"));
+                        }
+                    }
+                }
+                ("Observation", None) => {
+                    // deleted: the isolate itself, or the isolates that listed it
+                    candidates.insert(w.id.clone());
+                    candidates
+                        .extend(referencing(tx, "Observation", "has-member", &reference).await?);
+                }
+                ("Specimen", _) => {
+                    candidates
+                        .extend(referencing(tx, "Observation", "specimen", &reference).await?);
+                    for r in referencing(tx, "DiagnosticReport", "specimen", &reference).await? {
+                        if let Some(report) = read(tx, "DiagnosticReport", &r).await? {
+                            candidates.extend(targets(&report["result"], "Observation"));
+                        }
+                    }
+                }
+                ("DiagnosticReport", Some(b)) => {
+                    candidates.extend(targets(&b["result"], "Observation"));
+                }
+                ("Patient", _) => {
+                    candidates.extend(referencing(tx, "Observation", "subject", &reference).await?);
+                }
+                _ => {}
+            }
+        }
+        if candidates.is_empty() {
+            return Ok(());
+        }
+
+        let evaluator = self.evaluator();
+        let mut findings: HashMap<String, Finding> = HashMap::new();
+        let mut keys = BTreeSet::new();
+        for id in candidates {
+            let previous = tx.cre_isolate(&id).await?;
+            match evaluator.evaluate(tx, &id).await? {
+                Evaluation::Decided(f) => {
+                    if f.qualifies || previous.is_some() {
+                        tx.cre_put_isolate(&IsolateState {
+                            isolate_id: id.clone(),
+                            key: f.key.clone(),
+                            ref_time: f.date.micros,
+                            qualifies: f.qualifies,
+                        })
+                        .await?;
+                        keys.insert(f.key.clone());
+                    }
+                    if let Some(p) = previous
+                        && p.key != f.key
+                    {
+                        keys.insert(p.key);
+                    }
+                    findings.insert(id, *f);
+                }
+                Evaluation::NotApplicable | Evaluation::Pending => {
+                    if let Some(mut p) = previous {
+                        if p.qualifies {
+                            p.qualifies = false;
+                            tx.cre_put_isolate(&p).await?;
+                        }
+                        keys.insert(p.key);
+                    }
+                }
+            }
+        }
+        for key in keys {
+            tx.lock(&format!(
+                "cre-key:{}|{}|{}",
+                key.identity, key.species, key.year
+            ))
+            .await?;
+            self.resolve(tx, &key, &mut findings).await?;
+        }
+        Ok(())
+    }
+
+    /// Make the case of one key agree with its evidence: create it, move it to another isolate,
+    /// refresh its evidence, or withdraw it.
+    async fn resolve(
+        &self,
+        tx: &mut dyn StoreTx,
+        key: &CaseKey,
+        findings: &mut HashMap<String, Finding>,
+    ) -> StoreResult<()> {
+        let active = tx.cre_active_case(key).await?;
+        let qualifying = tx.cre_qualifying(key).await?;
+        match active {
+            Some(case) if qualifying.contains(&case.isolate_id) => {
+                let f = self.finding(tx, &case.isolate_id, findings).await?;
+                self.write_case(tx, &case.case_id, &f, "completed").await
+            }
+            Some(case) => match qualifying.first() {
+                Some(next) => {
+                    tx.cre_set_case(&case.case_id, next, true).await?;
+                    let f = self.finding(tx, next, findings).await?;
+                    self.write_case(tx, &case.case_id, &f, "completed").await
+                }
+                None => {
+                    tx.cre_set_case(&case.case_id, &case.isolate_id, false)
+                        .await?;
+                    self.withdraw(tx, &case.case_id).await
+                }
+            },
+            None => {
+                let Some(first) = qualifying.first() else {
+                    return Ok(());
+                };
+                let case = CaseRow {
+                    case_id: uuid::Uuid::new_v4().to_string(),
+                    key: key.clone(),
+                    isolate_id: first.clone(),
+                    active: true,
+                };
+                // the unique index decides between racing transactions: the loser adds nothing
+                if tx.cre_claim_case(&case, now_micros()).await? {
+                    let f = self.finding(tx, first, findings).await?;
+                    self.write_case(tx, &case.case_id, &f, "completed").await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn finding(
+        &self,
+        tx: &mut dyn StoreTx,
+        isolate_id: &str,
+        findings: &mut HashMap<String, Finding>,
+    ) -> StoreResult<Finding> {
+        if let Some(f) = findings.get(isolate_id) {
+            return Ok(f.clone());
+        }
+        match self.evaluator().evaluate(tx, isolate_id).await? {
+            Evaluation::Decided(f) => {
+                findings.insert(isolate_id.to_string(), (*f).clone());
+                Ok(*f)
+            }
+            _ => Err(StoreError::Rule(format!(
+                "isolate Observation/{isolate_id} is recorded as meeting the CRE definition but cannot be evaluated"
+            ))),
+        }
+    }
+
+    /// Write the case Communication unless the current version already says the same.
+    async fn write_case(
+        &self,
+        tx: &mut dyn StoreTx,
+        case_id: &str,
+        f: &Finding,
+        status: &str,
+    ) -> StoreResult<()> {
+        let current = tx.current("Communication", case_id).await?;
+        let live = current.as_ref().filter(|c| !c.deleted);
+        let old: Option<Value> = live
+            .and_then(|c| c.body.as_deref())
+            .and_then(|b| serde_json::from_str(b).ok());
+        // `sent` is when the case was decided: a refresh keeps it
+        let sent = old
+            .as_ref()
+            .and_then(|o| o["sent"].as_str().map(String::from))
+            .unwrap_or_else(|| format_instant(now_micros()));
+        let body = notification::build(
+            &self.definition,
+            Terminology::get(),
+            f,
+            case_id,
+            status,
+            &sent,
+        );
+        if let Some(mut o) = old {
+            if let Some(obj) = o.as_object_mut() {
+                obj.shift_remove("meta");
+            }
+            let mut b = body.clone();
+            if let Some(obj) = b.as_object_mut() {
+                obj.shift_remove("meta");
+            }
+            if o == b {
+                return Ok(());
+            }
+        }
+        self.store_case(tx, body, current.as_ref()).await
+    }
+
+    async fn withdraw(&self, tx: &mut dyn StoreTx, case_id: &str) -> StoreResult<()> {
+        let Some(current) = tx.current("Communication", case_id).await? else {
+            return Ok(());
+        };
+        let Some(mut body) = current
+            .body
+            .as_deref()
+            .and_then(|b| serde_json::from_str::<Value>(b).ok())
+        else {
+            return Ok(());
+        };
+        body["status"] = Value::String("entered-in-error".into());
+        self.store_case(tx, body, Some(&current)).await
+    }
+
+    async fn store_case(
+        &self,
+        tx: &mut dyn StoreTx,
+        body: Value,
+        current: Option<&StoredResource>,
+    ) -> StoreResult<()> {
+        crate::fhir::profile::check_notifica_caso(&body).map_err(StoreError::Rule)?;
+        let id = body["id"].as_str().unwrap_or_default().to_string();
+        let (version, method) = match current {
+            Some(c) => (c.version_id + 1, "PUT"),
+            None => (1, "POST"),
+        };
+        let v = NewVersion::stamped(body, "Communication", &id, version, method);
+        tx.write(&v).await
+    }
+}
+
+/// A resource a transaction wrote (body `None`: deleted).
+#[derive(Debug, Clone)]
+pub struct Touched {
+    pub resource_type: String,
+    pub id: String,
+    pub body: Option<Value>,
+}
+
+/// The types whose writes can change a CRE decision.
+fn watched(resource_type: &str) -> bool {
+    matches!(
+        resource_type,
+        "Observation" | "Specimen" | "DiagnosticReport" | "Patient"
+    )
+}
+
+/// A write transaction that applies the surveillance rules to what it wrote just before it commits.
+/// Every write path of the API goes through one of these, so no path can skip the rules.
+pub struct SurveillanceTx {
+    inner: Box<dyn StoreTx>,
+    engine: Arc<Engine>,
+    touched: Vec<Touched>,
+}
+
+impl SurveillanceTx {
+    pub fn wrap(inner: Box<dyn StoreTx>, engine: Arc<Engine>) -> Box<dyn StoreTx> {
+        Box::new(SurveillanceTx {
+            inner,
+            engine,
+            touched: Vec::new(),
+        })
+    }
+}
+
+#[async_trait]
+impl StoreTx for SurveillanceTx {
+    async fn current(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+    ) -> StoreResult<Option<StoredResource>> {
+        self.inner.current(resource_type, id).await
+    }
+    async fn lock(&mut self, key: &str) -> StoreResult<()> {
+        self.inner.lock(key).await
+    }
+    async fn search_ids(&mut self, q: &SearchQuery) -> StoreResult<Vec<String>> {
+        self.inner.search_ids(q).await
+    }
+    async fn write(&mut self, v: &NewVersion) -> StoreResult<()> {
+        self.inner.write(v).await?;
+        if watched(&v.resource_type) {
+            self.touched.push(Touched {
+                resource_type: v.resource_type.clone(),
+                id: v.id.clone(),
+                body: v.body.as_deref().and_then(|b| serde_json::from_str(b).ok()),
+            });
+        }
+        Ok(())
+    }
+    async fn commit(mut self: Box<Self>) -> StoreResult<()> {
+        let touched = std::mem::take(&mut self.touched);
+        if !touched.is_empty() {
+            self.engine.apply(&mut *self.inner, &touched).await?;
+        }
+        self.inner.commit().await
+    }
+    async fn cre_isolate(&mut self, isolate_id: &str) -> StoreResult<Option<IsolateState>> {
+        self.inner.cre_isolate(isolate_id).await
+    }
+    async fn cre_put_isolate(&mut self, s: &IsolateState) -> StoreResult<()> {
+        self.inner.cre_put_isolate(s).await
+    }
+    async fn cre_qualifying(&mut self, key: &CaseKey) -> StoreResult<Vec<String>> {
+        self.inner.cre_qualifying(key).await
+    }
+    async fn cre_active_case(&mut self, key: &CaseKey) -> StoreResult<Option<CaseRow>> {
+        self.inner.cre_active_case(key).await
+    }
+    async fn cre_claim_case(&mut self, c: &CaseRow, created_at: i64) -> StoreResult<bool> {
+        self.inner.cre_claim_case(c, created_at).await
+    }
+    async fn cre_set_case(
+        &mut self,
+        case_id: &str,
+        isolate_id: &str,
+        active: bool,
+    ) -> StoreResult<()> {
+        self.inner.cre_set_case(case_id, isolate_id, active).await
+    }
+}
