@@ -39,7 +39,15 @@ pub fn capability_statement(base: &str) -> Value {
                     .iter()
                     .map(|c| json!({"code": c}))
                     .collect();
-            json!({
+            // our profiles of this type (profiles/): notifica-caso is what the rules emit and are
+            // checked against; the lab-input profiles document what the rules read
+            let mut supported: Vec<&str> = crate::fhir::profile::profiles()
+                .values()
+                .filter(|sd| sd["type"] == *rt && sd["kind"] == "resource")
+                .filter_map(|sd| sd["url"].as_str())
+                .collect();
+            supported.sort_unstable();
+            let mut entry = json!({
                 "type": rt,
                 "profile": format!("http://hl7.org/fhir/StructureDefinition/{rt}"),
                 "interaction": interactions,
@@ -52,7 +60,11 @@ pub fn capability_statement(base: &str) -> Value {
                 "searchInclude": includes,
                 "searchRevInclude": revincludes,
                 "searchParam": params,
-            })
+            });
+            if !supported.is_empty() {
+                entry["supportedProfile"] = json!(supported);
+            }
+            entry
         })
         .collect();
     json!({
@@ -63,6 +75,7 @@ pub fn capability_statement(base: &str) -> Value {
         "kind": "instance",
         "software": {"name": "Sentinella", "version": env!("CARGO_PKG_VERSION")},
         "implementation": {"description": "Sentinella FHIR R4 server", "url": base},
+        "description": "Every write is checked against the CRE case definition (profiles/case-definition-cre.json) inside its own transaction; CRE cases are Communication resources with profile notifica-caso.",
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json", "application/fhir+xml", "xml"],
         "rest": [{

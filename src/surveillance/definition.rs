@@ -177,3 +177,20 @@ impl CaseDefinition {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_packaged_cre_definition_loads_and_names_existing_value_sets() {
+        let def = CaseDefinition::cre().expect("profiles/case-definition-cre.json is valid");
+        assert_eq!(
+            def.canonical(),
+            "https://sentinella-fhir.github.io/ig/definizione-caso/cre|1.0.0"
+        );
+        assert_eq!(def.species.len(), 2);
+        let labels: Vec<&str> = def.criteria.items.iter().map(Criterion::label).collect();
+        assert_eq!(labels, vec!["a", "b"]);
+    }
+}

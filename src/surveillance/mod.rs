@@ -10,6 +10,7 @@ pub mod notification;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use serde_json::Value;
@@ -29,6 +30,25 @@ pub struct Engine {
     pub definition: CaseDefinition,
     pub breakpoints: BreakpointTable,
     tz: jiff::tz::TimeZone,
+    /// Transactions the rules ran in, and the time they took (µs): the cost they add to ingest,
+    /// logged when the server stops.
+    runs: AtomicU64,
+    micros: AtomicU64,
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let runs = self.runs.load(Ordering::Relaxed);
+        if runs > 0 {
+            let micros = self.micros.load(Ordering::Relaxed);
+            tracing::info!(
+                transactions = runs,
+                total_ms = micros / 1000,
+                mean_us = micros / runs,
+                "surveillance rules: time spent inside write transactions"
+            );
+        }
+    }
 }
 
 impl Engine {
@@ -49,6 +69,8 @@ impl Engine {
             definition,
             breakpoints,
             tz,
+            runs: AtomicU64::new(0),
+            micros: AtomicU64::new(0),
         })
     }
 
@@ -63,6 +85,15 @@ impl Engine {
 
     /// Apply the rules to the resources a transaction wrote. Runs inside that transaction.
     pub async fn apply(&self, tx: &mut dyn StoreTx, touched: &[Touched]) -> StoreResult<()> {
+        let started = std::time::Instant::now();
+        let result = self.apply_rules(tx, touched).await;
+        self.runs.fetch_add(1, Ordering::Relaxed);
+        self.micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        result
+    }
+
+    async fn apply_rules(&self, tx: &mut dyn StoreTx, touched: &[Touched]) -> StoreResult<()> {
         let t = Terminology::get();
         let def = &self.definition;
         // Writers that touch one patient's evidence run one after the other (PostgreSQL; SQLite has

@@ -230,3 +230,66 @@ fn canonical(kind: &str, id_or_url: &str) -> String {
         format!("{CANON}/{kind}/{id_or_url}")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const COMMENT: &str = "http://hl7.org/fhir/StructureDefinition/valueset-concept-comments";
+
+    #[test]
+    fn every_terminology_code_names_its_source() {
+        let t = Terminology::get();
+        assert!(t.resources.len() >= 15);
+        for r in &t.resources {
+            let name = r["url"].as_str().unwrap_or_default();
+            assert!(
+                r["description"].as_str().is_some_and(|d| d.len() > 20),
+                "{name} has no description naming its sources"
+            );
+            for inc in r["compose"]["include"].as_array().into_iter().flatten() {
+                for c in inc["concept"].as_array().into_iter().flatten() {
+                    let sourced = c["extension"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|e| e["url"] == COMMENT && e["valueString"].as_str().is_some());
+                    assert!(sourced, "{name}: concept {} names no source", c["code"]);
+                }
+            }
+            for c in r["concept"].as_array().into_iter().flatten() {
+                assert!(
+                    c["definition"].as_str().is_some(),
+                    "{name}: concept {} has no definition",
+                    c["code"]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn local_codes_map_through_the_senders_concept_map() {
+        let t = Terminology::get();
+        let concept = serde_json::json!({"coding": [
+            {"system": "https://lis.niguarda.example/codici", "code": "MEM-I"}]});
+        assert_eq!(
+            t.standard_codes(&concept),
+            vec![(LOINC.to_string(), "18943-1".to_string())]
+        );
+        let unmapped = serde_json::json!({"coding": [
+            {"system": "https://lis.niguarda.example/codici", "code": "NOPE"}]});
+        assert_eq!(t.unmapped_local_codes(&unmapped).len(), 1);
+        assert!(t.in_value_set("campione-sangue", &(SNOMED.into(), "119297000".into())));
+        assert!(!t.in_value_set("campione-sangue", &(SNOMED.into(), "122575003".into())));
+    }
+
+    #[test]
+    fn both_eucast_tables_are_loaded_and_the_newest_is_the_default() {
+        let t = Terminology::get();
+        assert_eq!(t.breakpoints.versions(), vec!["15.0", "16.1"]);
+        let newest = t.breakpoints.table(None).unwrap();
+        assert_eq!(newest.version, "16.1");
+        let mem = newest.for_agent("MEM").unwrap();
+        assert_eq!((mem.mic_susceptible_le, mem.mic_resistant_gt), (2.0, 8.0));
+    }
+}
