@@ -100,6 +100,9 @@ pub fn check(resource: &Value, url: &str) -> Result<(), Vec<String>> {
         if steps.is_empty() {
             continue;
         }
+        if let Some(choice) = steps.last().and_then(|l| l.strip_suffix("[x]")) {
+            check_choice_types(e, path, resource, &steps, choice, &mut problems);
+        }
         let mut values = values_at(resource, &steps);
         if e.get("sliceName").is_some() {
             // extension slices: the values carrying the slice's extension URL
@@ -149,6 +152,44 @@ pub fn check(resource: &Value, url: &str) -> Result<(), Vec<String>> {
         Ok(())
     } else {
         Err(problems)
+    }
+}
+
+/// A choice element restricted to some types: `content[x]` with type string allows `contentString` only.
+fn check_choice_types(
+    e: &Value,
+    path: &str,
+    resource: &Value,
+    steps: &[&str],
+    choice: &str,
+    problems: &mut Vec<String>,
+) {
+    let Some(types) = e["type"].as_array() else {
+        return;
+    };
+    let allowed: Vec<String> = types
+        .iter()
+        .filter_map(|t| t["code"].as_str())
+        .map(|c| {
+            let mut chars = c.chars();
+            chars
+                .next()
+                .map(|f| f.to_ascii_uppercase().to_string() + chars.as_str())
+                .unwrap_or_default()
+        })
+        .collect();
+    for parent in values_at(resource, &steps[..steps.len() - 1]) {
+        for key in parent.as_object().into_iter().flat_map(|o| o.keys()) {
+            if let Some(suffix) = key.strip_prefix(choice)
+                && suffix.starts_with(|c: char| c.is_ascii_uppercase())
+                && !allowed.iter().any(|a| a == suffix)
+            {
+                problems.push(format!(
+                    "{path}: {key} is not allowed, the profile allows {}",
+                    allowed.join(", ")
+                ));
+            }
+        }
     }
 }
 
@@ -212,4 +253,76 @@ pub fn check_notifica_caso(resource: &Value) -> Result<(), String> {
             p.join("; ")
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn case() -> Value {
+        let canon = crate::terminology::CANON;
+        json!({
+            "resourceType": "Communication",
+            "id": "c1",
+            "meta": {"profile": [format!("{canon}/StructureDefinition/notifica-caso")]},
+            "extension": [{"url": format!("{canon}/StructureDefinition/definizione-caso"),
+                           "valueCanonical": format!("{canon}/definizione-caso/cre|1.0.0")}],
+            "identifier": [{"system": format!("{canon}/sid/caso"), "value": "c1"}],
+            "status": "completed",
+            "category": [{"coding": [{"system": format!("{canon}/CodeSystem/tipo-notifica"), "code": "cre"}]}],
+            "priority": "routine",
+            "subject": {"reference": "Patient/p1"},
+            "about": [{"reference": "Observation/o1"}],
+            "sent": "2026-03-04T12:00:00+01:00",
+            "recipient": [{"identifier": {"system": format!("{canon}/sid/ente"), "value": "ISS"}}],
+            "reasonCode": [{"coding": [{"system": "http://hl7.org/fhir/sid/icd-9-cm", "code": "041.3"}]}],
+            "payload": [{"contentString": "Batteriemia da Klebsiella pneumoniae"}]
+        })
+    }
+
+    #[test]
+    fn a_complete_case_meets_notifica_caso() {
+        assert_eq!(check_notifica_caso(&case()), Ok(()));
+    }
+
+    #[test]
+    fn notifica_caso_requires_its_elements_patterns_and_bindings() {
+        let mut c = case();
+        c.as_object_mut().unwrap().shift_remove("sent");
+        assert!(
+            check_notifica_caso(&c)
+                .unwrap_err()
+                .contains("Communication.sent")
+        );
+
+        let mut c = case();
+        c["identifier"][0]["system"] = json!("urn:other");
+        assert!(
+            check_notifica_caso(&c)
+                .unwrap_err()
+                .contains("Communication.identifier")
+        );
+
+        let mut c = case();
+        c["category"][0]["coding"][0]["code"] = json!("not-a-category");
+        assert!(
+            check_notifica_caso(&c)
+                .unwrap_err()
+                .contains("Communication.category")
+        );
+
+        let mut c = case();
+        c["extension"] = json!([{"url": "urn:x", "valueString": "y"}]);
+        assert!(
+            check_notifica_caso(&c)
+                .unwrap_err()
+                .contains("Communication.extension")
+        );
+
+        let mut c = case();
+        c["payload"] =
+            json!([{"contentAttachment": {"contentType": "text/plain", "data": "eA=="}}]);
+        assert!(check_notifica_caso(&c).is_err());
+    }
 }
