@@ -7,9 +7,20 @@
 //! `SENTINELLA_BENCH_URL=http://127.0.0.1:8080/fhir` targets a server that is already running.
 //!
 //! Other knobs: `SENTINELLA_BENCH_N` (Bundles, default 5000), `SENTINELLA_BENCH_C` (concurrency,
-//! default 16), `SENTINELLA_BENCH_REPEAT_PCT` (returning patients, default 0) and
-//! `SENTINELLA_BENCH_SEED` (the generated data; random by default and printed, so a run can be
-//! repeated with exactly the same Bundles).
+//! default 16), `SENTINELLA_BENCH_REPEAT_PCT` (returning patients, default 0),
+//! `SENTINELLA_BENCH_CRE_PCT` (Bundles that are CRE cases, default 0) and `SENTINELLA_BENCH_SEED`
+//! (the generated data; random by default and printed, so a run can be repeated with exactly the
+//! same Bundles).
+//!
+//! CRE cases: a CRE Bundle isolates K. pneumoniae or E. coli from blood with meropenem R (and the
+//! KPC gene detected); every other Bundle is susceptible to all three carbapenems, KPC not
+//! detected, so it must not make a case. A returning patient of a CRE Bundle is drawn among the
+//! earlier CRE patients, so the one-case-per-patient-species-year deduplication is exercised (all
+//! specimens are collected in 2025, Europe/Rome). Right after each CRE Bundle's 2xx the bench polls
+//! `Communication?category=…tipo-notifica|cre&subject=Patient/<id>` until the case is there and
+//! reports that delay; the poll holds the Bundle's concurrency slot but is not part of its
+//! latency. At the end it counts the cases of every CRE patient (and, on a database created by
+//! the run, all cases) against the distinct (patient, species) pairs of the CRE Bundles.
 //!
 //! Only loopback addresses are accepted: this is a local load test.
 
@@ -38,6 +49,10 @@ const UCUM: &str = "http://unitsofmeasure.org";
 const INTERPRETATION: &str = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation";
 const OBS_CATEGORY: &str = "http://terminology.hl7.org/CodeSystem/observation-category";
 const V2_0074: &str = "http://terminology.hl7.org/CodeSystem/v2-0074";
+const TIPO_NOTIFICA_CRE: &str = "https://sentinella-fhir.github.io/ig/CodeSystem/tipo-notifica|cre";
+const ICD9: &str = "http://hl7.org/fhir/sid/icd-9-cm";
+/// How long a CRE Bundle's case may take to become visible after its 2xx.
+const CASE_TIMEOUT: Duration = Duration::from_secs(10);
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -59,6 +74,7 @@ struct Config {
     n: usize,
     c: usize,
     repeat_pct: u32,
+    cre_pct: u32,
     seed: u64,
 }
 
@@ -85,6 +101,7 @@ impl Config {
         let n: usize = env_parse("SENTINELLA_BENCH_N", 5000)?;
         let c: usize = env_parse("SENTINELLA_BENCH_C", 16)?;
         let repeat_pct: u32 = env_parse("SENTINELLA_BENCH_REPEAT_PCT", 0)?;
+        let cre_pct: u32 = env_parse("SENTINELLA_BENCH_CRE_PCT", 0)?;
         ensure!(n > 0, "SENTINELLA_BENCH_N must be at least 1");
         ensure!(
             (1..=1024).contains(&c),
@@ -93,6 +110,10 @@ impl Config {
         ensure!(
             repeat_pct <= 100,
             "SENTINELLA_BENCH_REPEAT_PCT must be between 0 and 100"
+        );
+        ensure!(
+            cre_pct <= 100,
+            "SENTINELLA_BENCH_CRE_PCT must be between 0 and 100"
         );
         let seed = match env_opt("SENTINELLA_BENCH_SEED") {
             Some(s) => s
@@ -145,6 +166,7 @@ impl Config {
             n,
             c,
             repeat_pct,
+            cre_pct,
             seed,
         })
     }
@@ -161,8 +183,8 @@ impl Config {
     /// The environment that reproduces this run (same Bundles, same target).
     fn reproduce_line(&self) -> String {
         let mut s = format!(
-            "SENTINELLA_BENCH_N={} SENTINELLA_BENCH_C={} SENTINELLA_BENCH_REPEAT_PCT={} SENTINELLA_BENCH_SEED={}",
-            self.n, self.c, self.repeat_pct, self.seed
+            "SENTINELLA_BENCH_N={} SENTINELLA_BENCH_C={} SENTINELLA_BENCH_REPEAT_PCT={} SENTINELLA_BENCH_CRE_PCT={} SENTINELLA_BENCH_SEED={}",
+            self.n, self.c, self.repeat_pct, self.cre_pct, self.seed
         );
         match &self.target {
             Target::Spawn { fresh: true, .. } => {}
@@ -407,6 +429,31 @@ const DRUGS: [Drug; 6] = [
         r_above: 8.0,
     },
 ];
+/// The LOINC codes of the carbapenem susceptibilities among DRUGS.
+const CARBAPENEMS: [&str; 3] = ["18943-1", "18932-4", "35802-8"];
+/// The meropenem MICs of a CRE Bundle: above its R breakpoint (8 mg/L).
+const CRE_MEROPENEM_MICS: [&str; 2] = ["16.0", "32.0"];
+
+/// An isolated species: SNOMED code and name, and the ICD-9-CM reason code of its case.
+struct Species {
+    snomed: &'static str,
+    display: &'static str,
+    icd9: &'static str,
+}
+
+const SPECIES: [Species; 2] = [
+    Species {
+        snomed: "56415008",
+        display: "Klebsiella pneumoniae",
+        icd9: "041.3",
+    },
+    Species {
+        snomed: "112283007",
+        display: "Escherichia coli",
+        icd9: "041.4",
+    },
+];
+
 /// MICs as written by the analyser: the decimals keep their trailing zeros on the wire.
 const MICS: [&str; 9] = [
     "0.125", "0.25", "0.50", "1.0", "2.0", "4.0", "8.0", "16.0", "32.0",
@@ -433,12 +480,16 @@ fn rfc3339(t: OffsetDateTime) -> String {
         .expect("UTC timestamps in 2025 format as RFC 3339")
 }
 
-/// One transaction Bundle: Patient, Specimen, DiagnosticReport, isolate, 6 MICs, KPC gene.
-fn antibiogram(rng: &mut Rng, p: &Patient) -> Value {
+/// One transaction Bundle: Patient, Specimen, DiagnosticReport, isolate, 6 MICs, KPC gene. A
+/// `cre` Bundle is a CRE case (meropenem R, KPC detected); any other is susceptible to the three
+/// carbapenems with KPC not detected, so it is not a case.
+fn antibiogram(rng: &mut Rng, p: &Patient, species: &Species, cre: bool) -> Value {
     let [pat, spec, report, isolate, kpc] = std::array::from_fn(|_| rng.urn());
     let susc: Vec<String> = (0..DRUGS.len()).map(|_| rng.urn()).collect();
+    // 2025-01-01T00:00Z up to 2025-12-31T00:00Z: inside 2025 in UTC and in Europe/Rome alike, so
+    // the cases of a returning patient and species fall in the same year and are deduplicated
     let collected =
-        datetime!(2025-01-01 0:00 UTC) + time::Duration::minutes(rng.below(365 * 24 * 60) as i64);
+        datetime!(2025-01-01 0:00 UTC) + time::Duration::minutes(rng.below(364 * 24 * 60) as i64);
     let issued = collected + time::Duration::minutes(24 * 60 + rng.below(48 * 60) as i64);
     let (collected, issued) = (rfc3339(collected), rfc3339(issued));
     let lab = json!([coding(OBS_CATEGORY, "laboratory", "Laboratory")]);
@@ -483,13 +534,25 @@ fn antibiogram(rng: &mut Rng, p: &Patient) -> Value {
         "600-7",
         "Bacteria identified in Blood by Culture",
     ));
-    isolate_obs["valueCodeableConcept"] = coding(SNOMED, "56415008", "Klebsiella pneumoniae");
+    isolate_obs["valueCodeableConcept"] = coding(SNOMED, species.snomed, species.display);
     isolate_obs["hasMember"] = susc.iter().map(|u| reference(u)).collect();
 
     let mut carbapenem_r = false;
     let mut susc_entries = Vec::with_capacity(DRUGS.len());
     for (drug, urn) in DRUGS.iter().zip(&susc) {
-        let mic = *rng.pick(&MICS);
+        let carbapenem = CARBAPENEMS.contains(&drug.loinc);
+        let mic = if cre && drug.loinc == "18943-1" {
+            *rng.pick(&CRE_MEROPENEM_MICS)
+        } else if carbapenem && !cre {
+            let susceptible: Vec<&str> = MICS
+                .iter()
+                .copied()
+                .filter(|m| m.parse::<f64>().is_ok_and(|v| v <= drug.s_max))
+                .collect();
+            *rng.pick(&susceptible)
+        } else {
+            *rng.pick(&MICS)
+        };
         let v: f64 = mic.parse().expect("MICS are decimals");
         let (code, display) = if v <= drug.s_max {
             ("S", "Susceptible")
@@ -498,7 +561,7 @@ fn antibiogram(rng: &mut Rng, p: &Patient) -> Value {
         } else {
             ("I", "Intermediate")
         };
-        carbapenem_r |= code == "R" && ["18943-1", "18932-4", "35802-8"].contains(&drug.loinc);
+        carbapenem_r |= code == "R" && carbapenem;
         let mut o = observation(coding(LOINC, drug.loinc, drug.display));
         o["valueQuantity"] = json!({
             "value": Number::from_str(mic).expect("MICS are JSON numbers"),
@@ -514,7 +577,8 @@ fn antibiogram(rng: &mut Rng, p: &Patient) -> Value {
     let mut kpc_obs = observation(
         json!({"coding": [{"system": LOINC, "code": "49617-4"}], "text": "KPC carbapenemase gene"}),
     );
-    kpc_obs["valueCodeableConcept"] = if carbapenem_r {
+    debug_assert_eq!(carbapenem_r, cre);
+    kpc_obs["valueCodeableConcept"] = if cre {
         coding(SNOMED, "260373001", "Detected")
     } else {
         coding(SNOMED, "260415000", "Not detected")
@@ -547,10 +611,24 @@ fn antibiogram(rng: &mut Rng, p: &Patient) -> Value {
     json!({"resourceType": "Bundle", "type": "transaction", "entry": entries})
 }
 
+/// What a CRE Bundle must produce: a case for its patient and species.
+#[derive(Clone, Copy)]
+struct CreBundle {
+    species: usize,
+    /// The patient's CRE Bundles name both species: its search finds two cases in the end.
+    patient_has_both: bool,
+}
+
 struct Workload {
     bodies: Vec<Vec<u8>>,
     returning: usize,
     distinct_patients: usize,
+    /// Per Bundle: `Some` for a CRE Bundle.
+    cre: Vec<Option<CreBundle>>,
+    /// The CRE Bundles whose patient was seen before in a CRE Bundle.
+    cre_returning: usize,
+    /// Distinct (codice fiscale, species) among the CRE Bundles: the cases the server must make.
+    cre_expected: usize,
 }
 
 fn generate(cfg: &Config) -> Result<Workload> {
@@ -560,12 +638,33 @@ fn generate(cfg: &Config) -> Result<Workload> {
     let mut bodies = Vec::with_capacity(cfg.n);
     let mut returning = 0;
     let pct = cfg.repeat_pct as usize;
+    // exactly round(N·cre%/100) CRE Bundles at random positions (independent of the returning
+    // patients, which are spread evenly)
+    let cre_count = (cfg.n * cfg.cre_pct as usize + 50) / 100;
+    let mut order: Vec<usize> = (0..cfg.n).collect();
+    for k in 0..cre_count {
+        let j = k + rng.below(cfg.n - k);
+        order.swap(k, j);
+    }
+    let cre_positions: HashSet<usize> = order[..cre_count].iter().copied().collect();
+    drop(order);
+    // (Bundle, species) of each CRE Bundle; the Bundle's patient is patients[Bundle]
+    let mut cre_drawn: Vec<(usize, usize)> = Vec::with_capacity(cre_count);
+    let mut cre_returning = 0;
     for i in 0..cfg.n {
         // exactly floor((N-1)·pct/100) returning patients, spread evenly (the first is always new)
         let repeat = i > 0 && (i * pct) / 100 != ((i - 1) * pct) / 100;
+        let cre = cre_positions.contains(&i);
         let patient = if repeat {
             returning += 1;
-            patients[rng.below(i)].clone()
+            // a returning CRE patient is an earlier CRE patient: the case deduplication has work
+            let earlier = if cre && !cre_drawn.is_empty() {
+                cre_returning += 1;
+                cre_drawn[rng.below(cre_drawn.len())].0
+            } else {
+                rng.below(i)
+            };
+            patients[earlier].clone()
         } else {
             // a name/birth collision would turn a new patient into a returning one: draw again
             let fresh = (0..1000)
@@ -575,13 +674,41 @@ fn generate(cfg: &Config) -> Result<Workload> {
             seen.insert(p.cf.clone());
             p
         };
-        bodies.push(serde_json::to_vec(&antibiogram(&mut rng, &patient))?);
+        let species = rng.below(SPECIES.len());
+        if cre {
+            cre_drawn.push((i, species));
+        }
+        bodies.push(serde_json::to_vec(&antibiogram(
+            &mut rng,
+            &patient,
+            &SPECIES[species],
+            cre,
+        ))?);
         patients.push(patient);
+    }
+    // the species of each CRE patient (by codice fiscale)
+    let mut species_of: std::collections::HashMap<&str, HashSet<usize>> = Default::default();
+    for &(i, species) in &cre_drawn {
+        species_of
+            .entry(&patients[i].cf)
+            .or_default()
+            .insert(species);
+    }
+    let cre_expected = species_of.values().map(HashSet::len).sum();
+    let mut cre = vec![None; cfg.n];
+    for &(i, species) in &cre_drawn {
+        cre[i] = Some(CreBundle {
+            species,
+            patient_has_both: species_of[patients[i].cf.as_str()].len() > 1,
+        });
     }
     Ok(Workload {
         bodies,
         returning,
         distinct_patients: seen.len(),
+        cre,
+        cre_returning,
+        cre_expected,
     })
 }
 
@@ -789,10 +916,27 @@ struct Outcome {
     latency: Duration,
     /// Ok(whether the Patient entry was created, not matched) or the failure, with the body.
     result: std::result::Result<bool, String>,
+    /// The Patient's logical id (from the transaction-response).
+    patient: Option<String>,
+    /// CRE Bundles: the time from the 2xx until the case was found and the searches it took, or
+    /// why it was not found.
+    case_visible: Option<std::result::Result<(Duration, u32), String>>,
+}
+
+/// The logical id in a `Patient/<id>/_history/<v>` location or a `…/Patient/<id>` full URL.
+fn patient_id(url: &str) -> Option<String> {
+    let mut parts = url.split('/');
+    while let Some(p) = parts.next() {
+        if p == "Patient" {
+            return parts.next().filter(|id| !id.is_empty()).map(str::to_string);
+        }
+    }
+    None
 }
 
 /// Check a transaction-response: 11 entries, the Patient 201 or 200 (matched), the rest 201.
-fn check_response(body: &[u8]) -> std::result::Result<bool, String> {
+/// Returns whether the Patient was created, and its id.
+fn check_response(body: &[u8]) -> std::result::Result<(bool, String), String> {
     let v: Value =
         serde_json::from_slice(body).map_err(|e| format!("response is not JSON ({e})"))?;
     if v["resourceType"] != "Bundle" || v["type"] != "transaction-response" {
@@ -813,14 +957,110 @@ fn check_response(body: &[u8]) -> std::result::Result<bool, String> {
     if let Some(i) = (1..entries.len()).find(|&i| !status(i).starts_with("201")) {
         return Err(format!("entry {i} has status {}, expected 201", status(i)));
     }
-    match status(0) {
-        s if s.starts_with("201") => Ok(true),
-        s if s.starts_with("200") => Ok(false),
-        s => Err(format!("Patient entry has status {s}")),
+    let created = match status(0) {
+        s if s.starts_with("201") => true,
+        s if s.starts_with("200") => false,
+        s => return Err(format!("Patient entry has status {s}")),
+    };
+    // a matched (200) Patient need not have a location: then its fullUrl names it
+    let id = [&entries[0]["response"]["location"], &entries[0]["fullUrl"]]
+        .into_iter()
+        .find_map(|u| patient_id(u.as_str()?))
+        .ok_or("the Patient entry names no Patient (response.location, fullUrl)")?;
+    Ok((created, id))
+}
+
+/// The CRE cases of a patient: (total, the Communications found).
+async fn patient_cases(
+    client: &reqwest::Client,
+    base: &str,
+    patient: &str,
+    timeout: Duration,
+) -> std::result::Result<(i64, Vec<Value>), String> {
+    let resp = client
+        .get(format!("{base}/Communication"))
+        .query(&[
+            ("category", TIPO_NOTIFICA_CRE),
+            ("subject", &format!("Patient/{patient}")),
+            ("_count", "100"),
+        ])
+        .header(reqwest::header::ACCEPT, "application/fhir+json")
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(|e| format!("case search failed: {}", error_chain(&e)))?;
+    let status = resp.status();
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| format!("case search: HTTP {status}, {}", error_chain(&e)))?;
+    if status != reqwest::StatusCode::OK {
+        return Err(format!(
+            "case search: HTTP {status}: {}",
+            String::from_utf8_lossy(&bytes)
+        ));
+    }
+    let v: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("case search: response is not JSON ({e})"))?;
+    let total = v["total"]
+        .as_i64()
+        .ok_or("case search: the searchset has no total")?;
+    let found = v["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| e["resource"].clone())
+        .collect();
+    Ok((total, found))
+}
+
+/// Whether a case Communication is for this species (its ICD-9-CM reason code, per the contract).
+fn is_case_of(communication: &Value, species: &Species) -> bool {
+    communication["reasonCode"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|rc| rc["coding"].as_array().into_iter().flatten())
+        .any(|c| c["system"] == ICD9 && c["code"] == species.icd9)
+}
+
+/// Poll the patient's CRE cases until this Bundle's case is there: total ≥ 1 and, when the
+/// patient's CRE Bundles name both species, a case with this species' reason code.
+async fn wait_for_case(
+    client: &reqwest::Client,
+    base: &str,
+    patient: &str,
+    cre: CreBundle,
+) -> std::result::Result<(Duration, u32), String> {
+    let start = Instant::now();
+    let species = &SPECIES[cre.species];
+    let mut pause = Duration::from_millis(2);
+    let mut searches = 0;
+    loop {
+        let left = CASE_TIMEOUT.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            return Err(format!(
+                "no {} case for Patient/{patient} within {CASE_TIMEOUT:?} of the 2xx",
+                species.display
+            ));
+        }
+        let (total, found) = patient_cases(client, base, patient, left).await?;
+        searches += 1;
+        if total >= 1 && (!cre.patient_has_both || found.iter().any(|c| is_case_of(c, species))) {
+            return Ok((start.elapsed(), searches));
+        }
+        tokio::time::sleep(pause.min(left)).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
     }
 }
 
-async fn post_bundle(client: &reqwest::Client, base: &str, index: usize, body: Vec<u8>) -> Outcome {
+async fn post_bundle(
+    client: &reqwest::Client,
+    base: &str,
+    index: usize,
+    body: Vec<u8>,
+    cre: Option<CreBundle>,
+) -> Outcome {
     let start = Instant::now();
     let sent = client
         .post(base)
@@ -849,10 +1089,112 @@ async fn post_bundle(client: &reqwest::Client, base: &str, index: usize, body: V
             }
         }
     };
+    let latency = start.elapsed();
+    let (result, patient) = match result {
+        Ok((created, id)) => (Ok(created), Some(id)),
+        Err(e) => (Err(e), None),
+    };
+    let case_visible = match (cre, &patient) {
+        (Some(cre), Some(id)) => Some(wait_for_case(client, base, id, cre).await),
+        _ => None,
+    };
     Outcome {
         index,
-        latency: start.elapsed(),
+        latency,
         result,
+        patient,
+        case_visible,
+    }
+}
+
+/// The CRE cases on the server after the timed phase.
+struct Census {
+    /// The CRE patients (of the Bundles that succeeded) and the total of their cases.
+    patients: usize,
+    found: i64,
+    /// Distinct (patient, species) among the CRE Bundles that succeeded.
+    expected: usize,
+    /// The first patient whose cases differ from the expected ones.
+    first_mismatch: Option<String>,
+    /// Every CRE case on the server (`_summary=count`).
+    all: std::result::Result<i64, String>,
+}
+
+/// Count the cases of every CRE patient, and all CRE cases.
+async fn count_cases(
+    client: &reqwest::Client,
+    base: &str,
+    outcomes: &[Outcome],
+    cre: &[Option<CreBundle>],
+    c: usize,
+) -> Census {
+    let mut want: std::collections::BTreeMap<&str, std::collections::BTreeSet<usize>> =
+        Default::default();
+    for o in outcomes {
+        if let (Some(b), Some(p), Ok(_)) = (cre[o.index], &o.patient, &o.result) {
+            want.entry(p.as_str()).or_default().insert(b.species);
+        }
+    }
+    let expected = want.values().map(|s| s.len()).sum();
+    let results: Vec<_> = futures::stream::iter(want.iter())
+        .map(|(p, species)| async move {
+            (
+                *p,
+                species,
+                patient_cases(client, base, p, REQUEST_TIMEOUT).await,
+            )
+        })
+        .buffer_unordered(c)
+        .collect()
+        .await;
+    let mut found = 0;
+    let mut first_mismatch = None;
+    for (p, species, result) in results {
+        let problem = match result {
+            Err(e) => Some(format!("Patient/{p}: {e}")),
+            Ok((total, cases)) => {
+                found += total;
+                let of = |sp: &Species| cases.iter().filter(|c| is_case_of(c, sp)).count();
+                let right = total == species.len() as i64
+                    && species.iter().all(|&sp| of(&SPECIES[sp]) == 1);
+                (!right).then(|| {
+                    let names: Vec<&str> = species.iter().map(|&sp| SPECIES[sp].display).collect();
+                    let codes: Vec<&str> = SPECIES
+                        .iter()
+                        .flat_map(|sp| std::iter::repeat_n(sp.icd9, of(sp)))
+                        .collect();
+                    format!(
+                        "Patient/{p}: {total} case(s) (reason codes {codes:?}), expected one each for {names:?}"
+                    )
+                })
+            }
+        };
+        if let Some(problem) = problem {
+            first_mismatch.get_or_insert(problem);
+        }
+    }
+    let all = async {
+        let resp = client
+            .get(format!("{base}/Communication"))
+            .query(&[("category", TIPO_NOTIFICA_CRE), ("_summary", "count")])
+            .header(reqwest::header::ACCEPT, "application/fhir+json")
+            .send()
+            .await
+            .map_err(|e| error_chain(&e))?;
+        let status = resp.status();
+        let v: Value = resp.json().await.map_err(|e| error_chain(&e))?;
+        match v["total"].as_i64() {
+            Some(t) if status == reqwest::StatusCode::OK => Ok(t),
+            _ => Err(format!("HTTP {status}: {v}")),
+        }
+    }
+    .await;
+    Census {
+        patients: want.len(),
+        found,
+        expected,
+        first_mismatch,
+        all,
     }
 }
 
@@ -895,8 +1237,8 @@ async fn run() -> Result<bool> {
         Target::External { base } => format!("running server at {base}"),
     };
     println!(
-        "config: N={} C={} repeat={}% seed={} target: {target}",
-        cfg.n, cfg.c, cfg.repeat_pct, cfg.seed
+        "config: N={} C={} repeat={}% cre={}% seed={} target: {target}",
+        cfg.n, cfg.c, cfg.repeat_pct, cfg.cre_pct, cfg.seed
     );
     println!("reproduce: {}", cfg.reproduce_line());
 
@@ -911,6 +1253,13 @@ async fn run() -> Result<bool> {
         t.elapsed().as_secs_f64(),
         bytes as f64 / cfg.n as f64 / 1024.0
     );
+    let cre_bundles = work.cre.iter().flatten().count();
+    if cre_bundles > 0 {
+        println!(
+            "CRE: {cre_bundles} Bundles ({} of a returning CRE patient), {} distinct patient × species cases expected",
+            work.cre_returning, work.cre_expected
+        );
+    }
 
     // proxies must not divert loopback traffic
     let client = reqwest::Client::builder()
@@ -954,16 +1303,27 @@ async fn run() -> Result<bool> {
             None => println!("server ready at {base} after {:.2} s", ready.as_secs_f64()),
         }
         let start = Instant::now();
-        let outcomes: Vec<Outcome> = futures::stream::iter(work.bodies.into_iter().enumerate())
-            .map(|(i, body)| post_bundle(&client, &base, i, body))
-            .buffer_unordered(cfg.c)
-            .collect()
-            .await;
-        anyhow::Ok((start.elapsed(), outcomes))
+        let outcomes: Vec<Outcome> = futures::stream::iter(
+            work.bodies
+                .into_iter()
+                .zip(work.cre.iter().copied())
+                .enumerate(),
+        )
+        .map(|(i, (body, cre))| post_bundle(&client, &base, i, body, cre))
+        .buffer_unordered(cfg.c)
+        .collect()
+        .await;
+        let elapsed = start.elapsed();
+        let census = if cfg.cre_pct > 0 {
+            Some(count_cases(&client, &base, &outcomes, &work.cre, cfg.c).await)
+        } else {
+            None
+        };
+        anyhow::Ok((elapsed, outcomes, census))
     }
     .await;
     let peak_rss = server.as_ref().and_then(|s| s.memory_kib("VmHWM"));
-    let (elapsed, outcomes) = match measured {
+    let (elapsed, outcomes, census) = match measured {
         Ok(m) => m,
         Err(e) => {
             cleanup(server, pg, &cfg.target, false).await;
@@ -986,11 +1346,12 @@ async fn run() -> Result<bool> {
 
     println!("---");
     println!(
-        "N={} C={} database={} repeat={}% seed={}",
+        "N={} C={} database={} repeat={}% cre={}% seed={}",
         cfg.n,
         cfg.c,
         cfg.db_kind(),
         cfg.repeat_pct,
+        cfg.cre_pct,
         cfg.seed
     );
     println!(
@@ -1027,7 +1388,67 @@ async fn run() -> Result<bool> {
         println!("first failure (Bundle {}): {msg}", first.index);
     }
 
-    let ok = failures.is_empty() && dedup_ok;
+    let mut cre_ok = true;
+    if let Some(census) = &census {
+        let found: Vec<(Duration, u32)> = outcomes
+            .iter()
+            .filter_map(|o| o.case_visible.as_ref()?.as_ref().ok().copied())
+            .collect();
+        let first_search = found.iter().filter(|(_, n)| *n == 1).count();
+        let mut visible: Vec<Duration> = found.iter().map(|(d, _)| *d).collect();
+        visible.sort_unstable();
+        let polled = outcomes.iter().filter(|o| o.case_visible.is_some()).count();
+        let mut late: Vec<&Outcome> = outcomes
+            .iter()
+            .filter(|o| matches!(o.case_visible, Some(Err(_))))
+            .collect();
+        late.sort_by_key(|o| o.index);
+        println!(
+            "CRE case visible after 2xx ms: p50 {:.1} | p99 {:.1} | max {:.1} | visible {}/{polled} within {} s ({first_search} at the first search)",
+            percentile_ms(&visible, 50.0),
+            percentile_ms(&visible, 99.0),
+            percentile_ms(&visible, 100.0),
+            visible.len(),
+            CASE_TIMEOUT.as_secs()
+        );
+        // on a database of this run, every CRE case on the server must be one of the expected:
+        // more means a susceptible Bundle made a case or the deduplication let a duplicate through
+        let fresh = matches!(cfg.target, Target::Spawn { fresh: true, .. })
+            || pg.as_ref().is_some_and(|p| p.created);
+        let all_ok = !fresh || census.all.as_ref().is_ok_and(|&a| a == census.found);
+        let all = match (&census.all, fresh) {
+            (Ok(a), true) => format!("{a}"),
+            (Ok(a), false) => format!("{a} (database not of this run: not compared)"),
+            (Err(e), _) => format!("n/a ({e})"),
+        };
+        let matched = census.found == census.expected as i64 && census.first_mismatch.is_none();
+        println!(
+            "CRE cases found {} for {} patients (expected {}) | CRE cases on the server {all}{}",
+            census.found,
+            census.patients,
+            census.expected,
+            match (matched, all_ok) {
+                (true, true) => "",
+                (false, _) => " MISMATCH: missing or duplicate cases",
+                (true, false) => " MISMATCH: cases for non-CRE Bundles",
+            }
+        );
+        if let Some(first) = late.first() {
+            let msg = first
+                .case_visible
+                .as_ref()
+                .and_then(|r| r.as_ref().err())
+                .map(String::as_str)
+                .unwrap_or_default();
+            println!("first CRE case not visible (Bundle {}): {msg}", first.index);
+        }
+        if let Some(m) = &census.first_mismatch {
+            println!("first CRE case mismatch: {m}");
+        }
+        cre_ok = late.is_empty() && matched && all_ok;
+    }
+
+    let ok = failures.is_empty() && dedup_ok && cre_ok;
     cleanup(server, pg, &cfg.target, ok).await;
     Ok(ok)
 }
