@@ -1391,6 +1391,23 @@ on_both_databases! {
         assert_eq!(cases(&app).await.len(), 1);
     }
 
+    async fn unmapped_local_code_on_a_single_resource_is_a_warning_in_the_outcome(app) {
+        let obs = json!({
+            "resourceType": "Observation",
+            "status": "final",
+            "code": {"coding": [{"system": "https://lis.altro-ospedale.example/codici", "code": "TTP-EMO"}]},
+            "valueQuantity": {"value": 17.9, "unit": "h", "system": UCUM, "code": "h"}
+        });
+        let r = app.post_with("/fhir/Observation", &obs, &[("Prefer", "return=OperationOutcome")]).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        let warned: Vec<&Value> = r.body["issue"].as_array().unwrap().iter()
+            .filter(|i| i["severity"] == "warning").collect();
+        assert_eq!(warned.len(), 1, "{}", r.text);
+        assert_eq!(warned[0]["expression"][0], "Observation.code", "{}", r.text);
+        assert!(warned[0]["diagnostics"].as_str().unwrap().contains("TTP-EMO"));
+        assert_eq!(app.count("Observation").await, 1);
+    }
+
     async fn mapped_local_codes_work_like_standard_codes(app) {
         // culture EMOC, species KPN, meropenem MEM-I: mapped by ConceptMap laboratorio-niguarda
         let posted = post_lab(&app, &fixture("cre/niguarda-local-codes-transaction.json")).await;

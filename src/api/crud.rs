@@ -5,10 +5,11 @@ use axum::response::Response;
 
 use super::AppState;
 use super::format::{BaseUrl, FhirBody, Prefer, negotiate};
-use super::interactions::{self, parse_etag};
+use super::interactions::{self, Written, parse_etag};
 use super::responses::resource_response;
 use crate::error::{ApiError, ApiResult, Issue};
 use crate::fhir::resource::{is_valid_id, parse_json, resource_type, validate};
+use crate::surveillance::local_codes;
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
@@ -33,6 +34,27 @@ fn read_resource(rt: &str, body: &[u8]) -> ApiResult<serde_json::Value> {
     Ok(resource)
 }
 
+/// The response to a write: 201 for a creation, 200 otherwise, with the body `Prefer` asks for;
+/// unmapped local codes are logged and, with `Prefer: return=OperationOutcome`, returned.
+fn write_response(
+    written: &Written,
+    prefer: Prefer,
+    base: &BaseUrl,
+    location: bool,
+    warnings: &[Issue],
+) -> Response {
+    for w in warnings {
+        tracing::info!(resource = %format!("{}/{}", written.stored.resource_type, written.stored.id),
+            expression = w.expression.as_deref().unwrap_or_default(), "{}", w.diagnostics);
+    }
+    let status = if written.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    resource_response(status, &written.stored, prefer, base, location, warnings)
+}
+
 pub async fn create(
     State(state): State<AppState>,
     Path(rt): Path<String>,
@@ -45,6 +67,7 @@ pub async fn create(
     negotiate(&headers, query.as_deref())?;
     super::require_type(&rt)?;
     let resource = read_resource(&rt, &body)?;
+    let warnings = local_codes::warnings(&resource);
     let id = uuid::Uuid::new_v4().to_string();
     let mut tx = state.begin().await?;
     let written = match header(&headers, "if-none-exist") {
@@ -52,18 +75,8 @@ pub async fn create(
         None => interactions::create(tx.as_mut(), resource, &id).await?,
     };
     tx.commit().await?;
-    let status = if written.created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok(resource_response(
-        status,
-        &written.stored,
-        prefer,
-        &base,
-        written.created,
-    ))
+    let location = written.created;
+    Ok(write_response(&written, prefer, &base, location, &warnings))
 }
 
 pub async fn read(
@@ -99,6 +112,7 @@ pub async fn read(
         Prefer::default(),
         &base,
         false,
+        &[],
     ))
 }
 
@@ -130,6 +144,7 @@ pub async fn vread(
         Prefer::default(),
         &base,
         false,
+        &[],
     ))
 }
 
@@ -150,6 +165,7 @@ pub async fn update(
         )));
     }
     let resource = read_resource(&rt, &body)?;
+    let warnings = local_codes::warnings(&resource);
     match resource.get("id").and_then(|v| v.as_str()) {
         Some(body_id) if body_id == id => {}
         Some(body_id) => {
@@ -171,18 +187,7 @@ pub async fn update(
     let mut tx = state.begin().await?;
     let written = interactions::update(tx.as_mut(), resource, &id, expected).await?;
     tx.commit().await?;
-    let status = if written.created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok(resource_response(
-        status,
-        &written.stored,
-        prefer,
-        &base,
-        true,
-    ))
+    Ok(write_response(&written, prefer, &base, true, &warnings))
 }
 
 pub async fn delete(
@@ -218,6 +223,7 @@ pub async fn conditional_update(
     super::require_type(&rt)?;
     let q = query.unwrap_or_default();
     let mut resource = read_resource(&rt, &body)?;
+    let warnings = local_codes::warnings(&resource);
     let mut tx = state.begin().await?;
     let body_id = resource
         .get("id")
@@ -242,18 +248,7 @@ pub async fn conditional_update(
     resource["id"] = serde_json::json!(id);
     let written = interactions::update(tx.as_mut(), resource, &id, if_match(&headers)?).await?;
     tx.commit().await?;
-    let status = if written.created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok(resource_response(
-        status,
-        &written.stored,
-        prefer,
-        &base,
-        true,
-    ))
+    Ok(write_response(&written, prefer, &base, true, &warnings))
 }
 
 /// `DELETE /{type}?query`: delete the one match (none: nothing to do; several: 412).

@@ -36,6 +36,7 @@ pub fn resource_response(
     prefer: Prefer,
     base: &BaseUrl,
     location: bool,
+    warnings: &[Issue],
 ) -> Response {
     let mut resp = match prefer.ret {
         ReturnPref::Representation => match &stored.body {
@@ -43,9 +44,8 @@ pub fn resource_response(
             None => empty(status),
         },
         ReturnPref::Minimal => empty(status),
-        ReturnPref::OperationOutcome => fhir_json(
-            status,
-            &operation_outcome(&[Issue {
+        ReturnPref::OperationOutcome => {
+            let mut issues = vec![Issue {
                 severity: Severity::Information,
                 code: "informational",
                 diagnostics: format!(
@@ -53,8 +53,10 @@ pub fn resource_response(
                     stored.resource_type, stored.id, stored.version_id
                 ),
                 expression: None,
-            }]),
-        ),
+            }];
+            issues.extend_from_slice(warnings);
+            fhir_json(status, &operation_outcome(&issues))
+        }
     };
     let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&etag(stored.version_id)) {
