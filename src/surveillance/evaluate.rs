@@ -7,11 +7,12 @@ use serde_json::Value;
 
 use super::calendar::{self, ReferenceDate};
 use super::definition::{CaseDefinition, Criterion, Species};
-use super::links::{follow, read, referencing, target, targets};
+use super::links::{Reader, target, targets};
 use crate::italy::codice_fiscale::CodiceFiscale;
-use crate::store::{CaseKey, StoreResult, StoreTx};
+use crate::store::{CaseKey, StoreResult};
 use crate::terminology::breakpoints::{Comparator, Measured};
 use crate::terminology::{BreakpointTable, CANON, Code, Sir, Terminology, UCUM};
+use std::sync::Arc;
 
 pub const CF_SYSTEM: &str = "http://hl7.it/sid/codiceFiscale";
 
@@ -125,13 +126,9 @@ pub struct Evaluator<'a> {
 }
 
 impl Evaluator<'_> {
-    pub async fn evaluate(
-        &self,
-        tx: &mut dyn StoreTx,
-        isolate_id: &str,
-    ) -> StoreResult<Evaluation> {
+    pub async fn evaluate(&self, tx: &mut Reader<'_>, isolate_id: &str) -> StoreResult<Evaluation> {
         let (def, t) = (self.def, self.terms);
-        let Some(isolate) = read(tx, "Observation", isolate_id).await? else {
+        let Some(isolate) = tx.read("Observation", isolate_id).await? else {
             return Ok(Evaluation::NotApplicable);
         };
         if !is_isolate_code(def, t, &isolate) {
@@ -140,7 +137,7 @@ impl Evaluator<'_> {
         let Some(species) = species_of(def, t, &isolate) else {
             return Ok(Evaluation::NotApplicable);
         };
-        let Some((patient_id, patient)) = follow(tx, &isolate["subject"], "Patient").await? else {
+        let Some((patient_id, patient)) = tx.follow(&isolate["subject"], "Patient").await? else {
             return Ok(Evaluation::Pending);
         };
         let (identity, patient_cf) = identity(&patient_id, &patient);
@@ -148,17 +145,20 @@ impl Evaluator<'_> {
         // the reports that carry the isolate
         let isolate_ref = format!("Observation/{isolate_id}");
         let mut reports = Vec::new();
-        for id in referencing(tx, "DiagnosticReport", "result", &isolate_ref).await? {
-            if let Some(r) = read(tx, "DiagnosticReport", &id).await? {
+        for id in tx
+            .referencing("DiagnosticReport", "result", &isolate_ref)
+            .await?
+        {
+            if let Some(r) = tx.read("DiagnosticReport", &id).await? {
                 reports.push((id, r));
             }
         }
         // the specimen: the isolate's own, else the report's
-        let mut specimen = follow(tx, &isolate["specimen"], "Specimen").await?;
+        let mut specimen = tx.follow(&isolate["specimen"], "Specimen").await?;
         if specimen.is_none() {
             for (_, r) in &reports {
                 if let Some(first) = r["specimen"].as_array().and_then(|a| a.first()) {
-                    specimen = follow(tx, first, "Specimen").await?;
+                    specimen = tx.follow(first, "Specimen").await?;
                     if specimen.is_some() {
                         break;
                     }
@@ -239,22 +239,27 @@ impl Evaluator<'_> {
     /// when the specimen or the report has no other isolate, the rest of the specimen's or report's.
     async fn evidence(
         &self,
-        tx: &mut dyn StoreTx,
+        tx: &mut Reader<'_>,
         isolate_id: &str,
         isolate: &Value,
         specimen_id: Option<&str>,
-        reports: &[(String, Value)],
-    ) -> StoreResult<Vec<(String, Value)>> {
+        reports: &[(String, Arc<Value>)],
+    ) -> StoreResult<Vec<(String, Arc<Value>)>> {
         let isolate_ref = format!("Observation/{isolate_id}");
         let mut ids: BTreeSet<String> = targets(&isolate["hasMember"], "Observation")
             .into_iter()
             .collect();
-        ids.extend(referencing(tx, "Observation", "derived-from", &isolate_ref).await?);
+        ids.extend(
+            tx.referencing("Observation", "derived-from", &isolate_ref)
+                .await?,
+        );
         // groups that hold observations of one culture: the specimen and each report
         let mut groups: Vec<Vec<String>> = Vec::new();
         if let Some(s) = specimen_id {
-            groups
-                .push(referencing(tx, "Observation", "specimen", &format!("Specimen/{s}")).await?);
+            groups.push(
+                tx.referencing("Observation", "specimen", &format!("Specimen/{s}"))
+                    .await?,
+            );
         }
         for (_, r) in reports {
             groups.push(targets(&r["result"], "Observation"));
@@ -268,7 +273,7 @@ impl Evaluator<'_> {
                 if id == isolate_id {
                     continue;
                 }
-                if let Some(obs) = read(tx, "Observation", &id).await? {
+                if let Some(obs) = tx.read("Observation", &id).await? {
                     if is_isolate_code(self.def, self.terms, &obs) {
                         isolates += 1;
                     } else {
@@ -288,7 +293,7 @@ impl Evaluator<'_> {
             if id == isolate_id || !seen.insert(id.clone()) {
                 continue;
             }
-            if let Some(obs) = read(tx, "Observation", &id).await? {
+            if let Some(obs) = tx.read("Observation", &id).await? {
                 out.push((id, obs));
             }
         }
@@ -401,16 +406,16 @@ impl Evaluator<'_> {
     /// its ASL is the first Organization up the `partOf` chain with an ASL code.
     async fn facility(
         &self,
-        tx: &mut dyn StoreTx,
+        tx: &mut Reader<'_>,
         isolate: &Value,
-        reports: &[(String, Value)],
+        reports: &[(String, Arc<Value>)],
     ) -> StoreResult<Facility> {
         let mut org = None;
         let mut encounters = vec![isolate["encounter"].clone()];
         encounters.extend(reports.iter().map(|(_, r)| r["encounter"].clone()));
         for e in encounters {
-            if let Some((_, enc)) = follow(tx, &e, "Encounter").await?
-                && let Some(o) = follow(tx, &enc["serviceProvider"], "Organization").await?
+            if let Some((_, enc)) = tx.follow(&e, "Encounter").await?
+                && let Some(o) = tx.follow(&enc["serviceProvider"], "Organization").await?
             {
                 org = Some(o);
                 break;
@@ -419,7 +424,7 @@ impl Evaluator<'_> {
         if org.is_none() {
             'reports: for (_, r) in reports {
                 for p in r["performer"].as_array().into_iter().flatten() {
-                    if let Some(o) = follow(tx, p, "Organization").await? {
+                    if let Some(o) = tx.follow(p, "Organization").await? {
                         org = Some(o);
                         break 'reports;
                     }
@@ -450,9 +455,7 @@ impl Evaluator<'_> {
                 break;
             }
             current = match target(&o["partOf"], "Organization") {
-                Some(parent) => read(tx, "Organization", &parent)
-                    .await?
-                    .map(|p| (parent, p)),
+                Some(parent) => tx.read("Organization", &parent).await?.map(|p| (parent, p)),
                 None => None,
             };
         }

@@ -1,29 +1,84 @@
 //! Reading linked resources inside the write transaction: the engine sees the request's own
-//! uncommitted writes and everything committed before it.
+//! uncommitted writes and everything committed before it. What the request wrote is already in
+//! memory, so reads go through a cache seeded with it (fewer queries inside the writer's turn).
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use serde_json::Value;
 
 use crate::fhir::fhirpath::split_reference;
 use crate::store::{Condition, Match, SearchQuery, StoreResult, StoreTx, SystemMatch};
 
-/// The current, not deleted, version of `Type/id`, parsed.
-pub async fn read(tx: &mut dyn StoreTx, rt: &str, id: &str) -> StoreResult<Option<Value>> {
-    Ok(tx
-        .current(rt, id)
-        .await?
-        .filter(|s| !s.deleted)
-        .and_then(|s| s.body)
-        .and_then(|b| serde_json::from_str(&b).ok()))
+pub struct Reader<'t> {
+    pub tx: &'t mut dyn StoreTx,
+    cache: HashMap<(String, String), Option<Arc<Value>>>,
 }
 
-/// Follow a Reference element to a resource of type `rt`.
-pub async fn follow(
-    tx: &mut dyn StoreTx,
-    reference: &Value,
-    rt: &str,
-) -> StoreResult<Option<(String, Value)>> {
-    match target(reference, rt) {
-        Some(id) => Ok(read(tx, rt, &id).await?.map(|v| (id, v))),
-        None => Ok(None),
+impl<'t> Reader<'t> {
+    pub fn new(tx: &'t mut dyn StoreTx) -> Self {
+        Reader {
+            tx,
+            cache: HashMap::new(),
+        }
+    }
+
+    /// Seed the cache with a version this transaction wrote (`None`: deleted).
+    pub fn seed(&mut self, rt: &str, id: &str, body: Option<Arc<Value>>) {
+        self.cache.insert((rt.to_string(), id.to_string()), body);
+    }
+
+    /// The current, not deleted, version of `Type/id`, parsed.
+    pub async fn read(&mut self, rt: &str, id: &str) -> StoreResult<Option<Arc<Value>>> {
+        let key = (rt.to_string(), id.to_string());
+        if let Some(v) = self.cache.get(&key) {
+            return Ok(v.clone());
+        }
+        let v = self
+            .tx
+            .current(rt, id)
+            .await?
+            .filter(|s| !s.deleted)
+            .and_then(|s| s.body)
+            .and_then(|b| serde_json::from_str(&b).ok())
+            .map(Arc::new);
+        self.cache.insert(key, v.clone());
+        Ok(v)
+    }
+
+    /// Follow a Reference element to a resource of type `rt`.
+    pub async fn follow(
+        &mut self,
+        reference: &Value,
+        rt: &str,
+    ) -> StoreResult<Option<(String, Arc<Value>)>> {
+        match target(reference, rt) {
+            Some(id) => Ok(self.read(rt, &id).await?.map(|v| (id, v))),
+            None => Ok(None),
+        }
+    }
+
+    /// Ids of `source_type` resources whose reference parameter `param` points at `target`
+    /// (`Type/id`), through the search index.
+    pub async fn referencing(
+        &mut self,
+        source_type: &str,
+        param: &str,
+        target: &str,
+    ) -> StoreResult<Vec<String>> {
+        let q = SearchQuery {
+            resource_type: source_type.to_string(),
+            conditions: vec![Condition::Index {
+                param: param.to_string(),
+                any_of: vec![Match::Exact {
+                    value: target.to_string(),
+                    system: SystemMatch::Any,
+                }],
+                negate: false,
+            }],
+            count: 1000,
+            ..Default::default()
+        };
+        self.tx.search_ids(&q).await
     }
 }
 
@@ -41,28 +96,4 @@ pub fn targets(list: &Value, rt: &str) -> Vec<String> {
         .flatten()
         .filter_map(|r| target(r, rt))
         .collect()
-}
-
-/// Ids of `source_type` resources whose reference parameter `param` points at `target` (`Type/id`),
-/// through the search index.
-pub async fn referencing(
-    tx: &mut dyn StoreTx,
-    source_type: &str,
-    param: &str,
-    target: &str,
-) -> StoreResult<Vec<String>> {
-    let q = SearchQuery {
-        resource_type: source_type.to_string(),
-        conditions: vec![Condition::Index {
-            param: param.to_string(),
-            any_of: vec![Match::Exact {
-                value: target.to_string(),
-                system: SystemMatch::Any,
-            }],
-            negate: false,
-        }],
-        count: 1000,
-        ..Default::default()
-    };
-    tx.search_ids(&q).await
 }

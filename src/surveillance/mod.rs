@@ -23,7 +23,7 @@ use crate::store::{
 use crate::terminology::{BreakpointTable, Terminology};
 use definition::CaseDefinition;
 use evaluate::{Evaluation, Evaluator, Finding, is_isolate_code, is_relevant_observation};
-use links::{read, referencing, target, targets};
+use links::{Reader, target, targets};
 
 /// The rule engine: the case definition, the terminology and the configured breakpoint table.
 pub struct Engine {
@@ -116,6 +116,39 @@ impl Engine {
             tx.lock(l).await?;
         }
 
+        let mut reader = Reader::new(tx);
+        for w in touched {
+            reader.seed(&w.resource_type, &w.id, w.body.clone());
+        }
+        // What this transaction itself links: evidence listed by (or derived from) an isolate it
+        // wrote, specimens and results it names. Those need no reverse lookups.
+        let mut linked: BTreeSet<String> = BTreeSet::new();
+        let mut isolates_here: BTreeSet<&str> = BTreeSet::new();
+        for w in touched {
+            if let (true, Some(b)) = (w.resource_type == "Observation", &w.body)
+                && is_isolate_code(def, t, b)
+            {
+                isolates_here.insert(&w.id);
+                linked.extend(
+                    targets(&b["hasMember"], "Observation")
+                        .into_iter()
+                        .map(|id| format!("Observation/{id}")),
+                );
+                if let Some(s) = target(&b["specimen"], "Specimen") {
+                    linked.insert(format!("Specimen/{s}"));
+                }
+            }
+        }
+        for w in touched {
+            if let (true, Some(b)) = (w.resource_type == "DiagnosticReport", &w.body) {
+                linked.extend(
+                    targets(&b["result"], "Observation")
+                        .into_iter()
+                        .map(|id| format!("Observation/{id}")),
+                );
+            }
+        }
+
         let mut candidates = BTreeSet::new();
         for w in touched {
             let reference = format!("{}/{}", w.resource_type, w.id);
@@ -124,20 +157,35 @@ impl Engine {
                     if !is_relevant_observation(def, t, b) {
                         continue;
                     }
-                    if is_isolate_code(def, t, b) {
+                    if isolates_here.contains(w.id.as_str()) {
                         candidates.insert(w.id.clone());
+                        continue;
                     }
-                    candidates
-                        .extend(referencing(tx, "Observation", "has-member", &reference).await?);
-                    candidates.extend(targets(&b["derivedFrom"], "Observation"));
+                    let derived = targets(&b["derivedFrom"], "Observation");
+                    let known = linked.contains(&reference)
+                        || derived.iter().any(|d| isolates_here.contains(d.as_str()));
+                    candidates.extend(derived);
+                    if known {
+                        continue;
+                    }
+                    // a piece arriving on its own: find the isolates it belongs to
+                    candidates.extend(
+                        reader
+                            .referencing("Observation", "has-member", &reference)
+                            .await?,
+                    );
                     if let Some(s) = target(&b["specimen"], "Specimen") {
                         candidates.extend(
-                            referencing(tx, "Observation", "specimen", &format!("Specimen/{s}"))
+                            reader
+                                .referencing("Observation", "specimen", &format!("Specimen/{s}"))
                                 .await?,
                         );
                     }
-                    for r in referencing(tx, "DiagnosticReport", "result", &reference).await? {
-                        if let Some(report) = read(tx, "DiagnosticReport", &r).await? {
+                    for r in reader
+                        .referencing("DiagnosticReport", "result", &reference)
+                        .await?
+                    {
+                        if let Some(report) = reader.read("DiagnosticReport", &r).await? {
                             candidates.extend(targets(&report["result"], "Observation"));
                         }
                     }
@@ -145,14 +193,26 @@ impl Engine {
                 ("Observation", None) => {
                     // deleted: the isolate itself, or the isolates that listed it
                     candidates.insert(w.id.clone());
-                    candidates
-                        .extend(referencing(tx, "Observation", "has-member", &reference).await?);
+                    candidates.extend(
+                        reader
+                            .referencing("Observation", "has-member", &reference)
+                            .await?,
+                    );
                 }
                 ("Specimen", _) => {
-                    candidates
-                        .extend(referencing(tx, "Observation", "specimen", &reference).await?);
-                    for r in referencing(tx, "DiagnosticReport", "specimen", &reference).await? {
-                        if let Some(report) = read(tx, "DiagnosticReport", &r).await? {
+                    if linked.contains(&reference) {
+                        continue;
+                    }
+                    candidates.extend(
+                        reader
+                            .referencing("Observation", "specimen", &reference)
+                            .await?,
+                    );
+                    for r in reader
+                        .referencing("DiagnosticReport", "specimen", &reference)
+                        .await?
+                    {
+                        if let Some(report) = reader.read("DiagnosticReport", &r).await? {
                             candidates.extend(targets(&report["result"], "Observation"));
                         }
                     }
@@ -161,7 +221,11 @@ impl Engine {
                     candidates.extend(targets(&b["result"], "Observation"));
                 }
                 ("Patient", _) => {
-                    candidates.extend(referencing(tx, "Observation", "subject", &reference).await?);
+                    candidates.extend(
+                        reader
+                            .referencing("Observation", "subject", &reference)
+                            .await?,
+                    );
                 }
                 _ => {}
             }
@@ -174,17 +238,26 @@ impl Engine {
         let mut findings: HashMap<String, Finding> = HashMap::new();
         let mut keys = BTreeSet::new();
         for id in candidates {
-            let previous = tx.cre_isolate(&id).await?;
-            match evaluator.evaluate(tx, &id).await? {
+            // cheap filter first: most candidates are the isolate's own results
+            if let Some(obs) = reader.read("Observation", &id).await?
+                && !is_isolate_code(def, t, &obs)
+                && reader.tx.cre_isolate(&id).await?.is_none()
+            {
+                continue;
+            }
+            let previous = reader.tx.cre_isolate(&id).await?;
+            match evaluator.evaluate(&mut reader, &id).await? {
                 Evaluation::Decided(f) => {
                     if f.qualifies || previous.is_some() {
-                        tx.cre_put_isolate(&IsolateState {
-                            isolate_id: id.clone(),
-                            key: f.key.clone(),
-                            ref_time: f.date.micros,
-                            qualifies: f.qualifies,
-                        })
-                        .await?;
+                        reader
+                            .tx
+                            .cre_put_isolate(&IsolateState {
+                                isolate_id: id.clone(),
+                                key: f.key.clone(),
+                                ref_time: f.date.micros,
+                                qualifies: f.qualifies,
+                            })
+                            .await?;
                         keys.insert(f.key.clone());
                     }
                     if let Some(p) = previous
@@ -198,7 +271,7 @@ impl Engine {
                     if let Some(mut p) = previous {
                         if p.qualifies {
                             p.qualifies = false;
-                            tx.cre_put_isolate(&p).await?;
+                            reader.tx.cre_put_isolate(&p).await?;
                         }
                         keys.insert(p.key);
                     }
@@ -206,12 +279,14 @@ impl Engine {
             }
         }
         for key in keys {
-            tx.lock(&format!(
-                "cre-key:{}|{}|{}",
-                key.identity, key.species, key.year
-            ))
-            .await?;
-            self.resolve(tx, &key, &mut findings).await?;
+            reader
+                .tx
+                .lock(&format!(
+                    "cre-key:{}|{}|{}",
+                    key.identity, key.species, key.year
+                ))
+                .await?;
+            self.resolve(&mut reader, &key, &mut findings).await?;
         }
         Ok(())
     }
@@ -220,27 +295,31 @@ impl Engine {
     /// refresh its evidence, or withdraw it.
     async fn resolve(
         &self,
-        tx: &mut dyn StoreTx,
+        reader: &mut Reader<'_>,
         key: &CaseKey,
         findings: &mut HashMap<String, Finding>,
     ) -> StoreResult<()> {
-        let active = tx.cre_active_case(key).await?;
-        let qualifying = tx.cre_qualifying(key).await?;
+        let active = reader.tx.cre_active_case(key).await?;
+        let qualifying = reader.tx.cre_qualifying(key).await?;
         match active {
             Some(case) if qualifying.contains(&case.isolate_id) => {
-                let f = self.finding(tx, &case.isolate_id, findings).await?;
-                self.write_case(tx, &case.case_id, &f, "completed").await
+                let f = self.finding(reader, &case.isolate_id, findings).await?;
+                self.write_case(reader.tx, &case.case_id, &f, "completed")
+                    .await
             }
             Some(case) => match qualifying.first() {
                 Some(next) => {
-                    tx.cre_set_case(&case.case_id, next, true).await?;
-                    let f = self.finding(tx, next, findings).await?;
-                    self.write_case(tx, &case.case_id, &f, "completed").await
+                    reader.tx.cre_set_case(&case.case_id, next, true).await?;
+                    let f = self.finding(reader, next, findings).await?;
+                    self.write_case(reader.tx, &case.case_id, &f, "completed")
+                        .await
                 }
                 None => {
-                    tx.cre_set_case(&case.case_id, &case.isolate_id, false)
+                    reader
+                        .tx
+                        .cre_set_case(&case.case_id, &case.isolate_id, false)
                         .await?;
-                    self.withdraw(tx, &case.case_id).await
+                    self.withdraw(reader.tx, &case.case_id).await
                 }
             },
             None => {
@@ -254,9 +333,10 @@ impl Engine {
                     active: true,
                 };
                 // the unique index decides between racing transactions: the loser adds nothing
-                if tx.cre_claim_case(&case, now_micros()).await? {
-                    let f = self.finding(tx, first, findings).await?;
-                    self.write_case(tx, &case.case_id, &f, "completed").await?;
+                if reader.tx.cre_claim_case(&case, now_micros()).await? {
+                    let f = self.finding(reader, first, findings).await?;
+                    self.write_case(reader.tx, &case.case_id, &f, "completed")
+                        .await?;
                 }
                 Ok(())
             }
@@ -265,14 +345,14 @@ impl Engine {
 
     async fn finding(
         &self,
-        tx: &mut dyn StoreTx,
+        reader: &mut Reader<'_>,
         isolate_id: &str,
         findings: &mut HashMap<String, Finding>,
     ) -> StoreResult<Finding> {
         if let Some(f) = findings.get(isolate_id) {
             return Ok(f.clone());
         }
-        match self.evaluator().evaluate(tx, isolate_id).await? {
+        match self.evaluator().evaluate(reader, isolate_id).await? {
             Evaluation::Decided(f) => {
                 findings.insert(isolate_id.to_string(), (*f).clone());
                 Ok(*f)
@@ -361,7 +441,7 @@ impl Engine {
 pub struct Touched {
     pub resource_type: String,
     pub id: String,
-    pub body: Option<Value>,
+    pub body: Option<Arc<Value>>,
 }
 
 /// The types whose writes can change a CRE decision.
@@ -411,7 +491,11 @@ impl StoreTx for SurveillanceTx {
             self.touched.push(Touched {
                 resource_type: v.resource_type.clone(),
                 id: v.id.clone(),
-                body: v.body.as_deref().and_then(|b| serde_json::from_str(b).ok()),
+                body: v
+                    .body
+                    .as_deref()
+                    .and_then(|b| serde_json::from_str(b).ok())
+                    .map(Arc::new),
             });
         }
         Ok(())
