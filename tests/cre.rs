@@ -1189,6 +1189,29 @@ on_both_databases! {
             &[Asl, Hospital, Encounter, Specimen, Isolate, Mem, Report, Patient]).await;
     }
 
+    async fn a_later_carbapenemase_result_posted_on_its_own_completes_the_case(app) {
+        // all three carbapenems S, no carbapenemase test yet: no case
+        let lab = Lab::base().susceptible(Role::Mem).susceptible(Role::Ipm).susceptible(Role::Etp).without(Role::Kpc);
+        let posted = post_lab(&app, &lab.bundle()).await;
+        assert!(cases(&app).await.is_empty());
+        // hours later the molecular lab POSTs the KPC result (a new, server-assigned id) derived from the isolate
+        let kpc = json!({
+            "resourceType": "Observation",
+            "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "49617-4"}]},
+            "subject": {"reference": posted.of(Role::Patient)},
+            "derivedFrom": [{"reference": posted.of(Role::Isolate)}],
+            "valueCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": "260373001", "display": "Detected"}]}
+        });
+        let r = app.post("/fhir/Observation", &kpc).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        let kpc_ref = format!("Observation/{}", r.body["id"].as_str().unwrap());
+        let case = the_case(&app).await;
+        assert_eq!(case["status"], "completed");
+        assert!(about(&case).contains(&kpc_ref), "{case:#}");
+        assert!(about(&case).contains(&posted.of(Role::Isolate)), "{case:#}");
+    }
+
     async fn preliminary_isolate_does_not_decide_until_final(app) {
         let posted = post_lab(&app, &Lab::meropenem_r().status(Role::Isolate, "preliminary").bundle()).await;
         assert!(cases(&app).await.is_empty());

@@ -187,6 +187,7 @@ pub async fn delete(
         body: None,
         method: "DELETE",
         index: vec![],
+        resource: None,
     };
     tx.write(&v)
         .await

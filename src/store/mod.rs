@@ -68,6 +68,8 @@ pub struct NewVersion {
     pub body: Option<String>,
     pub method: &'static str,
     pub index: Vec<IndexEntry>,
+    /// The stamped resource as parsed JSON, for the rules that run before commit (no re-parse).
+    pub resource: Option<Arc<serde_json::Value>>,
 }
 
 impl NewVersion {
@@ -91,6 +93,7 @@ impl NewVersion {
             body: Some(serde_json::to_string(&resource).unwrap_or_default()),
             method,
             index,
+            resource: Some(Arc::new(resource)),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Reading linked resources inside the write transaction: the engine sees the request's own
 //! uncommitted writes and everything committed before it. What the request wrote is already in
 //! memory, so reads go through a cache seeded with it (fewer queries inside the writer's turn).
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -12,6 +12,22 @@ use crate::store::{Condition, Match, SearchQuery, StoreResult, StoreTx, SystemMa
 pub struct Reader<'t> {
     pub tx: &'t mut dyn StoreTx,
     cache: HashMap<(String, String), Option<Arc<Value>>>,
+    /// What this transaction wrote, in order, and which of it it created with fresh ids.
+    written: Vec<(String, String)>,
+    fresh: HashSet<(String, String)>,
+}
+
+/// The element behind each reference search parameter the rules use (to answer a reverse lookup
+/// from memory when its target was created in this transaction).
+fn element_of(param: &str) -> Option<&'static str> {
+    Some(match param {
+        "has-member" => "hasMember",
+        "derived-from" => "derivedFrom",
+        "specimen" => "specimen",
+        "subject" => "subject",
+        "result" => "result",
+        _ => return None,
+    })
 }
 
 impl<'t> Reader<'t> {
@@ -19,12 +35,22 @@ impl<'t> Reader<'t> {
         Reader {
             tx,
             cache: HashMap::new(),
+            written: Vec::new(),
+            fresh: HashSet::new(),
         }
     }
 
-    /// Seed the cache with a version this transaction wrote (`None`: deleted).
-    pub fn seed(&mut self, rt: &str, id: &str, body: Option<Arc<Value>>) {
-        self.cache.insert((rt.to_string(), id.to_string()), body);
+    /// Seed the cache with a version this transaction wrote (`None`: deleted); `created`: with a
+    /// server-assigned id, so only this transaction's own resources can refer to it.
+    pub fn seed(&mut self, rt: &str, id: &str, body: Option<Arc<Value>>, created: bool) {
+        let key = (rt.to_string(), id.to_string());
+        if created {
+            self.fresh.insert(key.clone());
+        }
+        if !self.cache.contains_key(&key) {
+            self.written.push(key.clone());
+        }
+        self.cache.insert(key, body);
     }
 
     /// The current, not deleted, version of `Type/id`, parsed.
@@ -65,6 +91,23 @@ impl<'t> Reader<'t> {
         param: &str,
         target: &str,
     ) -> StoreResult<Vec<String>> {
+        if let (Some((t, id)), Some(element)) = (split_reference(target), element_of(param))
+            && self.fresh.contains(&(t.to_string(), id.to_string()))
+        {
+            // created in this transaction: only this transaction's own writes can point at it
+            let mut out = Vec::new();
+            for (rt, rid) in &self.written {
+                if rt != source_type {
+                    continue;
+                }
+                if let Some(Some(body)) = self.cache.get(&(rt.clone(), rid.clone()))
+                    && refers_to(&body[element], t, id)
+                {
+                    out.push(rid.clone());
+                }
+            }
+            return Ok(out);
+        }
         let q = SearchQuery {
             resource_type: source_type.to_string(),
             conditions: vec![Condition::Index {
@@ -96,4 +139,12 @@ pub fn targets(list: &Value, rt: &str) -> Vec<String> {
         .flatten()
         .filter_map(|r| target(r, rt))
         .collect()
+}
+
+/// Does a Reference, or a list of them, point at `rt/id`?
+fn refers_to(element: &Value, rt: &str, id: &str) -> bool {
+    match element {
+        Value::Array(items) => items.iter().any(|r| refers_to(r, rt, id)),
+        r => target(r, rt).is_some_and(|t| t == id),
+    }
 }

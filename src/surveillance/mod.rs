@@ -118,7 +118,7 @@ impl Engine {
 
         let mut reader = Reader::new(tx);
         for w in touched {
-            reader.seed(&w.resource_type, &w.id, w.body.clone());
+            reader.seed(&w.resource_type, &w.id, w.body.clone(), w.created);
         }
         // What this transaction itself links: evidence listed by (or derived from) an isolate it
         // wrote, specimens and results it names. Those need no reverse lookups.
@@ -239,13 +239,13 @@ impl Engine {
         let mut keys = BTreeSet::new();
         for id in candidates {
             // cheap filter first: most candidates are the isolate's own results
-            if let Some(obs) = reader.read("Observation", &id).await?
+            let previous = reader.tx.cre_isolate(&id).await?;
+            if previous.is_none()
+                && let Some(obs) = reader.read("Observation", &id).await?
                 && !is_isolate_code(def, t, &obs)
-                && reader.tx.cre_isolate(&id).await?.is_none()
             {
                 continue;
             }
-            let previous = reader.tx.cre_isolate(&id).await?;
             match evaluator.evaluate(&mut reader, &id).await? {
                 Evaluation::Decided(f) => {
                     if f.qualifies || previous.is_some() {
@@ -442,6 +442,8 @@ pub struct Touched {
     pub resource_type: String,
     pub id: String,
     pub body: Option<Arc<Value>>,
+    /// Created with a server-assigned id: nothing written before this transaction can refer to it.
+    pub created: bool,
 }
 
 /// The types whose writes can change a CRE decision.
@@ -491,11 +493,8 @@ impl StoreTx for SurveillanceTx {
             self.touched.push(Touched {
                 resource_type: v.resource_type.clone(),
                 id: v.id.clone(),
-                body: v
-                    .body
-                    .as_deref()
-                    .and_then(|b| serde_json::from_str(b).ok())
-                    .map(Arc::new),
+                body: v.resource.clone(),
+                created: v.method == "POST",
             });
         }
         Ok(())
