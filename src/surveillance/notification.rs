@@ -65,7 +65,15 @@ fn summary(f: &Finding) -> String {
         Some(cf) => format!("paziente con codice fiscale {cf}"),
         None => format!("paziente Patient/{}", f.patient_id),
     };
-    let date = f.date.text.get(..10).unwrap_or(&f.date.text);
+    // Italian readers write dates day first
+    let date = match (
+        f.date.text.get(..4),
+        f.date.text.get(5..7),
+        f.date.text.get(8..10),
+    ) {
+        (Some(y), Some(m), Some(d)) => format!("{d}/{m}/{y}"),
+        _ => f.date.text.clone(),
+    };
     let facility = match (&f.facility.facility, &f.facility.asl) {
         (Some((_, name)), Some((_, asl, _))) if !name.is_empty() => {
             format!(" Struttura segnalante: {name} (ASL {asl}).")
