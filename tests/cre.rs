@@ -1255,6 +1255,37 @@ on_both_databases! {
         assert_eq!(app.count("Communication").await, 1);
     }
 
+    async fn two_servers_on_one_database_make_one_case(app) {
+        // two server instances (two pools, two SQLite writers) racing on the same patient and year
+        let other = app.another_server().await;
+        let app = Arc::new(app);
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let app = app.clone();
+                let other = other.clone();
+                let bundle = Lab::meropenem_r().tag(&format!("srv{i}")).bundle();
+                tokio::spawn(async move {
+                    if i % 2 == 0 {
+                        app.post("/fhir", &bundle).await.status
+                    } else {
+                        let req = axum::http::Request::post("/fhir")
+                            .header("content-type", "application/fhir+json")
+                            .body(axum::body::Body::from(bundle.to_string()))
+                            .unwrap();
+                        tower::ServiceExt::oneshot(other, req).await.unwrap().status()
+                    }
+                })
+            })
+            .collect();
+        for task in futures::future::join_all(tasks).await {
+            assert_eq!(task.expect("task"), StatusCode::OK);
+        }
+        assert_eq!(app.count("Specimen").await, 8);
+        let found = cases(&app).await;
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert_eq!(app.count("Communication").await, 1);
+    }
+
     async fn omocodia_variants_are_one_person(app) {
         let cf = "RSSMRA85T10A562S";
         let variant = CodiceFiscale::complete("RSSMRA85T10A56N").unwrap().as_str().to_ascii_lowercase();
@@ -1440,5 +1471,59 @@ on_both_databases! {
         assert_eq!(criteria(&case), vec![resistance(&posted.at(&niguarda(7)), "MEM")]);
         assert_eq!(about(&case), set_of(&[&posted.at(&niguarda(6)), &posted.at(&niguarda(7)), &posted.at(&niguarda(8))]));
         assert_reference_date(&case, "2026-05-12T07:40:00+02:00", "raccolta-campione", 2026);
+    }
+}
+
+// ---- the configured EUCAST table ------------------------------------------------------------------
+
+async fn the_configured_breakpoint_table_is_recorded(app: TestApp) {
+    let posted = post_lab(
+        &app,
+        &Lab::only(Role::Mem)
+            .measured(Role::Mem, "16", "mg/L")
+            .bundle(),
+    )
+    .await;
+    let case = the_case(&app).await;
+    let expected = Criterion {
+        breakpoint: Some("EUCAST 15.0".into()),
+        ..resistance_by_breakpoint(&posted.of(Role::Mem), "MEM")
+    };
+    assert_eq!(criteria(&case), vec![expected]);
+}
+
+mod configured_eucast_version_applies {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        let app = TestApp::sqlite_with(|c| c.eucast_version = Some("15.0".into())).await;
+        the_configured_breakpoint_table_is_recorded(app).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        let app = TestApp::postgres_with(|c| c.eucast_version = Some("15.0".into())).await;
+        the_configured_breakpoint_table_is_recorded(app).await;
+    }
+}
+
+#[tokio::test]
+async fn an_unknown_eucast_version_stops_the_server_at_start() {
+    let path = std::env::temp_dir().join(format!(
+        "sentinella-eucast-{}.db",
+        uuid::Uuid::new_v4().simple()
+    ));
+    let mut config =
+        sentinella::config::Config::with_database(format!("sqlite://{}", path.display()));
+    config.eucast_version = Some("9.9".into());
+    let err = sentinella::server::build_app(config)
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("9.9"), "{err}");
+    assert!(err.to_string().contains("16.1"), "{err}");
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }
 }

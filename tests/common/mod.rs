@@ -101,6 +101,18 @@ impl TestApp {
         }
     }
 
+    /// A second server on the same database (another process, as far as the database can tell:
+    /// its own connections, its own SQLite writer), answering through `TestApp::request_to`.
+    pub async fn another_server(&self) -> Router {
+        let url = match &self.db {
+            Db::Sqlite(path) => format!("sqlite://{}", path.display()),
+            Db::Postgres(name) => format!("{}/{name}", postgres_admin_url()),
+        };
+        sentinella::server::build_app(Config::with_database(url))
+            .await
+            .expect("a second server starts on the same database")
+    }
+
     pub async fn request(
         &self,
         method: Method,
