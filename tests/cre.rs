@@ -1519,8 +1519,7 @@ async fn an_unknown_eucast_version_stops_the_server_at_start() {
     config.eucast_version = Some("9.9".into());
     let err = sentinella::server::build_app(config)
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(err.to_string().contains("9.9"), "{err}");
     assert!(err.to_string().contains("16.1"), "{err}");
     for suffix in ["", "-wal", "-shm"] {
