@@ -1212,6 +1212,26 @@ on_both_databases! {
         assert!(about(&case).contains(&posted.of(Role::Isolate)), "{case:#}");
     }
 
+    async fn recipients_follow_facility_data_that_arrives_later(app) {
+        // every piece but the ASL: the case is decided, addressed to ISS only
+        let pieces = meropenem_pieces().pieces();
+        for role in [Role::Patient, Role::Hospital, Role::Encounter, Role::Specimen, Role::Mem, Role::Isolate, Role::Report] {
+            let r = app.put(&format!("/fhir/{}", role.fixed_reference()), &pieces[&role], &[]).await;
+            assert_eq!(r.status, StatusCode::CREATED, "{role:?}: {}", r.text);
+        }
+        let before = the_case(&app).await;
+        assert_eq!(before["recipient"].as_array().unwrap().len(), 1, "{before:#}");
+        assert_eq!(before["recipient"][0]["identifier"]["value"], "ISS");
+        // the ASL arrives: the same case, a new version, addressed to the ASL and its region too
+        let r = app.put(&format!("/fhir/{}", Role::Asl.fixed_reference()), &pieces[&Role::Asl], &[]).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        let after = the_case(&app).await;
+        assert_eq!(after["id"], before["id"]);
+        let version = |c: &Value| c["meta"]["versionId"].as_str().unwrap().parse::<u32>().unwrap();
+        assert_eq!(version(&after), version(&before) + 1);
+        assert_case(&after, &Role::Patient.fixed_reference(), &Role::Asl.fixed_reference(), "041.3");
+    }
+
     async fn preliminary_isolate_does_not_decide_until_final(app) {
         let posted = post_lab(&app, &Lab::meropenem_r().status(Role::Isolate, "preliminary").bundle()).await;
         assert!(cases(&app).await.is_empty());

@@ -26,6 +26,10 @@ fn element_of(param: &str) -> Option<&'static str> {
         "specimen" => "specimen",
         "subject" => "subject",
         "result" => "result",
+        "encounter" => "encounter",
+        "performer" => "performer",
+        "service-provider" => "serviceProvider",
+        "partof" => "partOf",
         _ => return None,
     })
 }

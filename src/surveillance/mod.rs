@@ -227,6 +227,49 @@ impl Engine {
                             .await?,
                     );
                 }
+                // the treating facility and its ASL decide the recipients: a case follows them
+                ("Encounter", _) => {
+                    self.isolates_of_encounter(&mut reader, &reference, &mut candidates)
+                        .await?;
+                }
+                ("Organization", _) => {
+                    let mut orgs = vec![reference.clone()];
+                    let mut i = 0;
+                    // the facility may sit a few levels below the ASL
+                    while i < orgs.len() && orgs.len() < 64 {
+                        for child in reader
+                            .referencing("Organization", "partof", &orgs[i])
+                            .await?
+                        {
+                            let child = format!("Organization/{child}");
+                            if !orgs.contains(&child) {
+                                orgs.push(child);
+                            }
+                        }
+                        i += 1;
+                    }
+                    for org in &orgs {
+                        for e in reader
+                            .referencing("Encounter", "service-provider", org)
+                            .await?
+                        {
+                            self.isolates_of_encounter(
+                                &mut reader,
+                                &format!("Encounter/{e}"),
+                                &mut candidates,
+                            )
+                            .await?;
+                        }
+                        for r in reader
+                            .referencing("DiagnosticReport", "performer", org)
+                            .await?
+                        {
+                            if let Some(report) = reader.read("DiagnosticReport", &r).await? {
+                                candidates.extend(targets(&report["result"], "Observation"));
+                            }
+                        }
+                    }
+                }
                 _ => {}
             }
         }
@@ -287,6 +330,29 @@ impl Engine {
                 ))
                 .await?;
             self.resolve(&mut reader, &key, &mut findings).await?;
+        }
+        Ok(())
+    }
+
+    /// The observations (and report results) of an encounter: candidates when it changes.
+    async fn isolates_of_encounter(
+        &self,
+        reader: &mut Reader<'_>,
+        encounter: &str,
+        candidates: &mut BTreeSet<String>,
+    ) -> StoreResult<()> {
+        candidates.extend(
+            reader
+                .referencing("Observation", "encounter", encounter)
+                .await?,
+        );
+        for r in reader
+            .referencing("DiagnosticReport", "encounter", encounter)
+            .await?
+        {
+            if let Some(report) = reader.read("DiagnosticReport", &r).await? {
+                candidates.extend(targets(&report["result"], "Observation"));
+            }
         }
         Ok(())
     }
@@ -450,7 +516,7 @@ pub struct Touched {
 fn watched(resource_type: &str) -> bool {
     matches!(
         resource_type,
-        "Observation" | "Specimen" | "DiagnosticReport" | "Patient"
+        "Observation" | "Specimen" | "DiagnosticReport" | "Patient" | "Encounter" | "Organization"
     )
 }
 
