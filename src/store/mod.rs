@@ -188,6 +188,8 @@ pub trait StoreTx: Send {
     /// Write a new version; `version_id - 1` must still be the current one (1 = must not exist).
     async fn write(&mut self, v: &NewVersion) -> StoreResult<()>;
     async fn commit(self: Box<Self>) -> StoreResult<()>;
+    /// Send buffered writes to the database now (they are sent before any read and at commit anyway).
+    async fn flush(&mut self) -> StoreResult<()>;
 
     // CRE surveillance state (migrations/*/0002_cre_cases.sql)
     async fn cre_isolate(&mut self, isolate_id: &str) -> StoreResult<Option<IsolateState>>;

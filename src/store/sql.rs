@@ -33,6 +33,39 @@ pub async fn connect(url: &str) -> StoreResult<SharedStore> {
 const INDEX_BATCHES: [usize; 3] = [32, 8, 1];
 
 /// Split `n` rows into chunks of the fixed batch sizes, largest first.
+/// Row counts for multi-row INSERTs of new resources and their first versions.
+const ROW_BATCHES: [usize; 3] = [16, 4, 1];
+
+fn chunks(mut n: usize, sizes: [usize; 3]) -> Vec<usize> {
+    let mut out = Vec::new();
+    for size in sizes {
+        while n >= size {
+            out.push(size);
+            n -= size;
+        }
+    }
+    out
+}
+
+/// `INSERT INTO <head> VALUES ($1,…,$cols),(…)` for `rows` rows.
+fn values_sql(head: &str, cols: usize, rows: usize) -> String {
+    let mut text = format!("INSERT INTO {head} VALUES ");
+    for r in 0..rows {
+        if r > 0 {
+            text.push(',');
+        }
+        text.push('(');
+        for c in 0..cols {
+            if c > 0 {
+                text.push(',');
+            }
+            text.push_str(&format!("${}", r * cols + c + 1));
+        }
+        text.push(')');
+    }
+    text
+}
+
 fn index_chunks(mut n: usize) -> Vec<usize> {
     let mut out = Vec::new();
     for size in INDEX_BATCHES {
@@ -95,6 +128,76 @@ macro_rules! sql_backend {
 
             pub struct SqlTx {
                 tx: $conn,
+                /// New resources (version 1) not yet sent to the database: a Bundle's creates go
+                /// out as a few multi-row INSERTs, flushed before anything reads.
+                pending: Vec<NewVersion>,
+            }
+
+            impl SqlTx {
+                async fn flush(&mut self) -> StoreResult<()> {
+                    if self.pending.is_empty() {
+                        return Ok(());
+                    }
+                    let pending = std::mem::take(&mut self.pending);
+                    let mut rest = pending.as_slice();
+                    for size in chunks(rest.len(), ROW_BATCHES) {
+                        let (chunk, tail) = rest.split_at(size);
+                        rest = tail;
+                        let mut q = sqlx::query(AssertSqlSafe(values_sql(
+                            "resources (resource_type, id, version_id, last_updated, deleted, body)",
+                            6,
+                            size,
+                        )));
+                        for v in chunk {
+                            q = q.bind(&v.resource_type).bind(&v.id).bind(v.version_id)
+                                .bind(v.last_updated).bind(v.body.is_none()).bind(&v.body);
+                        }
+                        q.execute(&mut *self.tx).await?;
+                        let mut q = sqlx::query(AssertSqlSafe(values_sql(
+                            "resource_versions (resource_type, id, version_id, last_updated, deleted, method, body)",
+                            7,
+                            size,
+                        )));
+                        for v in chunk {
+                            q = q.bind(&v.resource_type).bind(&v.id).bind(v.version_id)
+                                .bind(v.last_updated).bind(v.body.is_none()).bind(v.method).bind(&v.body);
+                        }
+                        q.execute(&mut *self.tx).await?;
+                    }
+                    let rows: Vec<(&NewVersion, &crate::fhir::search_params::IndexEntry)> = pending
+                        .iter()
+                        .flat_map(|v| v.index.iter().map(move |e| (v, e)))
+                        .collect();
+                    let mut rest = rows.as_slice();
+                    for size in index_chunks(rest.len()) {
+                        let (chunk, tail) = rest.split_at(size);
+                        rest = tail;
+                        self.insert_index_rows(chunk).await?;
+                    }
+                    Ok(())
+                }
+
+                async fn insert_index_rows(
+                    &mut self,
+                    chunk: &[(&NewVersion, &crate::fhir::search_params::IndexEntry)],
+                ) -> StoreResult<()> {
+                    let mut q = sqlx::query(AssertSqlSafe(index_insert_sql(chunk.len())));
+                    for (v, e) in chunk {
+                        q = q.bind(&v.resource_type).bind(&v.id).bind(&e.param);
+                        q = match &e.value {
+                            IndexValue::Text { system, value } => {
+                                q.bind(system.clone()).bind(Some(value.clone())).bind(None::<i64>).bind(None::<i64>)
+                            }
+                            IndexValue::Date(r) => q
+                                .bind(None::<String>)
+                                .bind(None::<String>)
+                                .bind(Some(r.start))
+                                .bind(Some(r.end)),
+                        };
+                    }
+                    q.execute(&mut *self.tx).await?;
+                    Ok(())
+                }
             }
 
             fn bind_all<'q>(mut q: Q<'q>, binds: &[Bind]) -> Q<'q> {
@@ -131,7 +234,7 @@ macro_rules! sql_backend {
                 }
 
                 async fn begin(&self) -> StoreResult<Box<dyn StoreTx>> {
-                    Ok(Box::new(SqlTx { tx: $begin(&self.writer).await? }))
+                    Ok(Box::new(SqlTx { tx: $begin(&self.writer).await?, pending: Vec::new() }))
                 }
 
                 async fn read(&self, resource_type: &str, id: &str) -> StoreResult<Option<StoredResource>> {
@@ -279,6 +382,7 @@ macro_rules! sql_backend {
             #[async_trait]
             impl StoreTx for SqlTx {
                 async fn current(&mut self, resource_type: &str, id: &str) -> StoreResult<Option<StoredResource>> {
+                    self.flush().await?;
                     let row = sqlx::query(
                         "SELECT resource_type, id, version_id, last_updated, deleted, body FROM resources \
                          WHERE resource_type = $1 AND id = $2",
@@ -299,6 +403,7 @@ macro_rules! sql_backend {
                 }
 
                 async fn search_ids(&mut self, q: &SearchQuery) -> StoreResult<Vec<String>> {
+                    self.flush().await?;
                     let sql = q.ids_sql();
                     let rows = bind_all(sqlx::query(AssertSqlSafe(sql.text)), &sql.binds).fetch_all(&mut *self.tx).await?;
                     rows.iter().map(|r| Ok(r.try_get::<String, _>(0)?)).collect()
@@ -307,19 +412,11 @@ macro_rules! sql_backend {
                 async fn write(&mut self, v: &NewVersion) -> StoreResult<()> {
                     let deleted = v.body.is_none();
                     if v.version_id == 1 {
-                        sqlx::query(
-                            "INSERT INTO resources (resource_type, id, version_id, last_updated, deleted, body) \
-                             VALUES ($1, $2, $3, $4, $5, $6)",
-                        )
-                        .bind(&v.resource_type)
-                        .bind(&v.id)
-                        .bind(v.version_id)
-                        .bind(v.last_updated)
-                        .bind(deleted)
-                        .bind(&v.body)
-                        .execute(&mut *self.tx)
-                        .await?;
-                    } else {
+                        self.pending.push(v.clone());
+                        return Ok(());
+                    }
+                    self.flush().await?;
+                    {
                         let done = sqlx::query(
                             "UPDATE resources SET version_id = $3, last_updated = $4, deleted = $5, body = $6 \
                              WHERE resource_type = $1 AND id = $2 AND version_id = $7",
@@ -358,34 +455,28 @@ macro_rules! sql_backend {
                     .bind(&v.body)
                     .execute(&mut *self.tx)
                     .await?;
-                    let mut rest = v.index.as_slice();
+                    let rows: Vec<(&NewVersion, &crate::fhir::search_params::IndexEntry)> =
+                        v.index.iter().map(|e| (v, e)).collect();
+                    let mut rest = rows.as_slice();
                     for size in index_chunks(rest.len()) {
                         let (chunk, tail) = rest.split_at(size);
                         rest = tail;
-                        let mut q = sqlx::query(AssertSqlSafe(index_insert_sql(chunk.len())));
-                        for e in chunk {
-                            q = q.bind(&v.resource_type).bind(&v.id).bind(&e.param);
-                            q = match &e.value {
-                                IndexValue::Text { system, value } => {
-                                    q.bind(system.clone()).bind(Some(value.clone())).bind(None::<i64>).bind(None::<i64>)
-                                }
-                                IndexValue::Date(r) => q
-                                    .bind(None::<String>)
-                                    .bind(None::<String>)
-                                    .bind(Some(r.start))
-                                    .bind(Some(r.end)),
-                            };
-                        }
-                        q.execute(&mut *self.tx).await?;
+                        self.insert_index_rows(chunk).await?;
                     }
                     Ok(())
                 }
 
-                async fn commit(self: Box<Self>) -> StoreResult<()> {
+                async fn flush(&mut self) -> StoreResult<()> {
+                    SqlTx::flush(self).await
+                }
+
+                async fn commit(mut self: Box<Self>) -> StoreResult<()> {
+                    self.flush().await?;
                     $commit(self.tx).await
                 }
 
                 async fn cre_isolate(&mut self, isolate_id: &str) -> StoreResult<Option<IsolateState>> {
+                    self.flush().await?;
                     let row = sqlx::query(
                         "SELECT identity, species, year, ref_time, qualifies FROM cre_isolates WHERE isolate_id = $1",
                     )
@@ -408,6 +499,7 @@ macro_rules! sql_backend {
                 }
 
                 async fn cre_put_isolate(&mut self, s: &IsolateState) -> StoreResult<()> {
+                    self.flush().await?;
                     sqlx::query(
                         "INSERT INTO cre_isolates (isolate_id, identity, species, year, ref_time, qualifies) \
                          VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (isolate_id) DO UPDATE SET \
@@ -426,6 +518,7 @@ macro_rules! sql_backend {
                 }
 
                 async fn cre_qualifying(&mut self, key: &CaseKey) -> StoreResult<Vec<String>> {
+                    self.flush().await?;
                     let rows = sqlx::query(
                         "SELECT isolate_id FROM cre_isolates WHERE identity = $1 AND species = $2 AND year = $3 \
                          AND qualifies ORDER BY ref_time, isolate_id",
@@ -439,6 +532,7 @@ macro_rules! sql_backend {
                 }
 
                 async fn cre_active_case(&mut self, key: &CaseKey) -> StoreResult<Option<CaseRow>> {
+                    self.flush().await?;
                     let row = sqlx::query(
                         "SELECT case_id, isolate_id FROM cre_cases WHERE identity = $1 AND species = $2 AND year = $3 AND active",
                     )
@@ -459,6 +553,7 @@ macro_rules! sql_backend {
                 }
 
                 async fn cre_claim_case(&mut self, c: &CaseRow, created_at: i64) -> StoreResult<bool> {
+                    self.flush().await?;
                     let done = sqlx::query(
                         "INSERT INTO cre_cases (case_id, identity, species, year, isolate_id, active, created_at) \
                          VALUES ($1, $2, $3, $4, $5, $6, $7) \
@@ -477,6 +572,7 @@ macro_rules! sql_backend {
                 }
 
                 async fn cre_set_case(&mut self, case_id: &str, isolate_id: &str, active: bool) -> StoreResult<()> {
+                    self.flush().await?;
                     sqlx::query("UPDATE cre_cases SET isolate_id = $2, active = $3 WHERE case_id = $1")
                         .bind(case_id)
                         .bind(isolate_id)

@@ -550,6 +550,9 @@ impl StoreTx for SurveillanceTx {
     async fn lock(&mut self, key: &str) -> StoreResult<()> {
         self.inner.lock(key).await
     }
+    async fn flush(&mut self) -> StoreResult<()> {
+        self.inner.flush().await
+    }
     async fn search_ids(&mut self, q: &SearchQuery) -> StoreResult<Vec<String>> {
         self.inner.search_ids(q).await
     }
@@ -568,6 +571,8 @@ impl StoreTx for SurveillanceTx {
     async fn commit(mut self: Box<Self>) -> StoreResult<()> {
         let touched = std::mem::take(&mut self.touched);
         if !touched.is_empty() {
+            // the request's own writes go out first, so the rules' timer measures the rules alone
+            self.inner.flush().await?;
             self.engine.apply(&mut *self.inner, &touched).await?;
         }
         self.inner.commit().await
