@@ -10,7 +10,7 @@ CREATE TABLE cre_isolates (
     ref_time   BIGINT NOT NULL,
     qualifies  BOOLEAN NOT NULL
 );
-CREATE INDEX cre_isolates_by_key ON cre_isolates (identity, species, year, ref_time) WHERE qualifies;
+CREATE INDEX cre_isolates_by_key ON cre_isolates (identity, species, year, ref_time);
 
 -- cre_cases: one row per case notification. At most one active case per key: the unique index is
 -- what makes two racing requests (or two server processes) produce one case.

@@ -196,6 +196,8 @@ pub trait StoreTx: Send {
     async fn cre_put_isolate(&mut self, s: &IsolateState) -> StoreResult<()>;
     /// Ids of the isolates that meet the definition for `key`, earliest first.
     async fn cre_qualifying(&mut self, key: &CaseKey) -> StoreResult<Vec<String>>;
+    /// Ids of every isolate recorded for `key`, meeting the definition now or not.
+    async fn cre_isolates_of_key(&mut self, key: &CaseKey) -> StoreResult<Vec<String>>;
     async fn cre_active_case(&mut self, key: &CaseKey) -> StoreResult<Option<CaseRow>>;
     /// Insert a new active case unless one is already active for its key (then `false`). The unique
     /// index decides, so concurrent transactions and processes cannot both win.

@@ -531,6 +531,20 @@ macro_rules! sql_backend {
                     rows.iter().map(|r| Ok(r.try_get::<String, _>(0)?)).collect()
                 }
 
+                async fn cre_isolates_of_key(&mut self, key: &CaseKey) -> StoreResult<Vec<String>> {
+                    self.flush().await?;
+                    let rows = sqlx::query(
+                        "SELECT isolate_id FROM cre_isolates WHERE identity = $1 AND species = $2 AND year = $3 \
+                         ORDER BY ref_time, isolate_id",
+                    )
+                    .bind(&key.identity)
+                    .bind(&key.species)
+                    .bind(key.year)
+                    .fetch_all(&mut *self.tx)
+                    .await?;
+                    rows.iter().map(|r| Ok(r.try_get::<String, _>(0)?)).collect()
+                }
+
                 async fn cre_active_case(&mut self, key: &CaseKey) -> StoreResult<Option<CaseRow>> {
                     self.flush().await?;
                     let row = sqlx::query(

@@ -18,7 +18,7 @@ pub struct ReferenceDate {
 
 pub fn reference_date(text: &str, source: &'static str, tz: &TimeZone) -> Option<ReferenceDate> {
     let (year, micros) = if text.contains('T') {
-        let ts: Timestamp = text.parse().ok()?;
+        let ts: Timestamp = truncate_fraction(text).parse().ok()?;
         (ts.to_zoned(tz.clone()).year() as i32, ts.as_microsecond())
     } else {
         // a date without a time: its year is the written one; it starts at local midnight
@@ -38,6 +38,21 @@ pub fn reference_date(text: &str, source: &'static str, tz: &TimeZone) -> Option
     })
 }
 
+/// FHIR allows any number of fractional-second digits; the parser takes nine (nanoseconds).
+fn truncate_fraction(text: &str) -> String {
+    let Some(dot) = text.find('.') else {
+        return text.to_string();
+    };
+    let digits = text[dot + 1..]
+        .bytes()
+        .take_while(u8::is_ascii_digit)
+        .count();
+    if digits <= 9 {
+        return text.to_string();
+    }
+    format!("{}{}", &text[..dot + 10], &text[dot + 1 + digits..])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,6 +69,12 @@ mod tests {
         assert_eq!(d.year, 2025);
         let d = reference_date("2026-01-01T00:10:00+01:00", "osservazione", &rome()).unwrap();
         assert_eq!(d.year, 2026);
+        let d = reference_date(
+            "2025-12-31T23:30:00.1234567891Z",
+            "raccolta-campione",
+            &rome(),
+        );
+        assert_eq!(d.unwrap().year, 2026);
     }
 
     #[test]

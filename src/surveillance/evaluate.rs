@@ -153,6 +153,13 @@ impl Evaluator<'_> {
                 reports.push((id, r));
             }
         }
+        // a report withdrawn (entered-in-error, cancelled) no longer speaks for the isolate; the
+        // isolate is withdrawn only when every report that carried it is
+        let withdrawn =
+            |r: &Value| matches!(r["status"].as_str(), Some("entered-in-error" | "cancelled"));
+        let reports_ok = reports.is_empty() || reports.iter().any(|(_, r)| !withdrawn(r));
+        reports.retain(|(_, r)| !withdrawn(r));
+        reports.sort_by(|a, b| a.0.cmp(&b.0));
         // the specimen: the isolate's own, else the report's
         let mut specimen = tx.follow(&isolate["specimen"], "Specimen").await?;
         if specimen.is_none() {
@@ -192,9 +199,6 @@ impl Evaluator<'_> {
             s["status"] != "entered-in-error"
                 && any_in(t, &def.specimen.value_set, &codes(t, &s["type"]))
         });
-        let reports_ok = reports
-            .iter()
-            .all(|(_, r)| !matches!(r["status"].as_str(), Some("entered-in-error" | "cancelled")));
         let isolate_ok = status_in(&isolate, &def.isolate.statuses);
 
         let evidence = self
@@ -350,15 +354,22 @@ impl Evaluator<'_> {
                         None => None,
                     },
                 };
-                let unit = if q["system"] == UCUM || q["system"].is_null() {
-                    q["code"].as_str().or(q["unit"].as_str())
-                } else {
-                    None
-                };
-                let sir = match unit? {
-                    "mg/L" | "ug/mL" | "ug/ml" => bp.interpret_mic(measured),
-                    "mm" => bp.interpret_zone(measured),
+                // UCUM is case-sensitive but 'l' and 'L' are both the litre; the code decides, else
+                // the human-readable unit
+                let units = [q["code"].as_str(), q["unit"].as_str()];
+                let kind = |u: &str| match u.to_ascii_lowercase().as_str() {
+                    "mg/l" | "ug/ml" | "µg/ml" => Some(true),
+                    "mm" => Some(false),
                     _ => None,
+                };
+                if !(q["system"] == UCUM || q["system"].is_null()) {
+                    return None;
+                }
+                let mic = units.into_iter().flatten().find_map(kind)?;
+                let sir = if mic {
+                    bp.interpret_mic(measured)
+                } else {
+                    bp.interpret_zone(measured)
                 }?;
                 (sir == Sir::R).then(|| {
                     met(

@@ -96,21 +96,20 @@ impl Engine {
     async fn apply_rules(&self, tx: &mut dyn StoreTx, touched: &[Touched]) -> StoreResult<()> {
         let t = Terminology::get();
         let def = &self.definition;
-        // Writers that touch one patient's evidence run one after the other (PostgreSQL; SQLite has
-        // one writer anyway), so two halves of a case arriving at once cannot both miss the other.
+        // Writers whose resources are linked (the same patient, specimen, isolate, report…) run one
+        // after the other on PostgreSQL (SQLite has one writer anyway): each locks every id its
+        // resources name, old and new versions alike, so two halves of a case arriving at once
+        // share a lock and the second sees the first.
         let mut locks = BTreeSet::new();
         for w in touched {
-            match w
-                .body
-                .as_ref()
-                .and_then(|b| target(&b["subject"], "Patient"))
-            {
-                Some(p) => locks.insert(format!("cre:Patient/{p}")),
-                None if w.resource_type == "Patient" => {
-                    locks.insert(format!("cre:Patient/{}", w.id))
+            locks.insert(format!("cre:{}/{}", w.resource_type, w.id));
+            for body in [&w.body, &w.previous].into_iter().flatten() {
+                for (element, rt) in LINKS {
+                    for id in linked_ids(&body[*element], rt) {
+                        locks.insert(format!("cre:{rt}/{id}"));
+                    }
                 }
-                None => locks.insert(format!("cre:{}/{}", w.resource_type, w.id)),
-            };
+            }
         }
         for l in &locks {
             tx.lock(l).await?;
@@ -120,206 +119,143 @@ impl Engine {
         for w in touched {
             reader.seed(&w.resource_type, &w.id, w.body.clone(), w.created);
         }
-        // What this transaction itself links: evidence listed by (or derived from) an isolate it
-        // wrote, specimens and results it names. Those need no reverse lookups.
-        let mut linked: BTreeSet<String> = BTreeSet::new();
+        // Evidence this transaction itself links to an isolate it wrote (hasMember, derivedFrom)
+        // needs no reverse lookup.
         let mut isolates_here: BTreeSet<&str> = BTreeSet::new();
+        let mut members_here: BTreeSet<String> = BTreeSet::new();
         for w in touched {
             if let (true, Some(b)) = (w.resource_type == "Observation", &w.body)
                 && is_isolate_code(def, t, b)
             {
                 isolates_here.insert(&w.id);
-                linked.extend(
-                    targets(&b["hasMember"], "Observation")
-                        .into_iter()
-                        .map(|id| format!("Observation/{id}")),
-                );
-                if let Some(s) = target(&b["specimen"], "Specimen") {
-                    linked.insert(format!("Specimen/{s}"));
-                }
-            }
-        }
-        for w in touched {
-            if let (true, Some(b)) = (w.resource_type == "DiagnosticReport", &w.body) {
-                linked.extend(
-                    targets(&b["result"], "Observation")
-                        .into_iter()
-                        .map(|id| format!("Observation/{id}")),
-                );
+                members_here.extend(targets(&b["hasMember"], "Observation"));
             }
         }
 
         let mut candidates = BTreeSet::new();
         for w in touched {
             let reference = format!("{}/{}", w.resource_type, w.id);
-            match (w.resource_type.as_str(), &w.body) {
-                ("Observation", Some(b)) => {
-                    if !is_relevant_observation(def, t, b) {
-                        continue;
-                    }
-                    if isolates_here.contains(w.id.as_str()) {
-                        candidates.insert(w.id.clone());
-                        continue;
-                    }
-                    let derived = targets(&b["derivedFrom"], "Observation");
-                    let known = linked.contains(&reference)
-                        || derived.iter().any(|d| isolates_here.contains(d.as_str()));
-                    candidates.extend(derived);
-                    if known {
-                        continue;
-                    }
-                    // a piece arriving on its own: find the isolates it belongs to
-                    candidates.extend(
-                        reader
-                            .referencing("Observation", "has-member", &reference)
-                            .await?,
-                    );
-                    if let Some(s) = target(&b["specimen"], "Specimen") {
+            if w.resource_type == "Observation" {
+                // a deleted or recoded isolate is re-decided through its own row
+                candidates.insert(w.id.clone());
+            }
+            if !self.changes_decisions(w) {
+                continue;
+            }
+            // the new version's links and the old one's: a correction can move or drop them
+            for body in [&w.body, &w.previous].into_iter().flatten() {
+                match w.resource_type.as_str() {
+                    "Observation" => {
+                        if !is_relevant_observation(def, t, body) {
+                            continue;
+                        }
+                        let derived = targets(&body["derivedFrom"], "Observation");
+                        let known = isolates_here.contains(w.id.as_str())
+                            || members_here.contains(&w.id)
+                            || derived.iter().any(|d| isolates_here.contains(d.as_str()));
+                        candidates.extend(derived);
+                        if known {
+                            continue;
+                        }
+                        // a piece on its own: find the isolates it belongs to
                         candidates.extend(
                             reader
-                                .referencing("Observation", "specimen", &format!("Specimen/{s}"))
+                                .referencing("Observation", "has-member", &reference)
                                 .await?,
                         );
-                    }
-                    for r in reader
-                        .referencing("DiagnosticReport", "result", &reference)
-                        .await?
-                    {
-                        if let Some(report) = reader.read("DiagnosticReport", &r).await? {
-                            candidates.extend(targets(&report["result"], "Observation"));
-                        }
-                    }
-                }
-                ("Observation", None) => {
-                    // deleted: the isolate itself, or the isolates that listed it
-                    candidates.insert(w.id.clone());
-                    candidates.extend(
-                        reader
-                            .referencing("Observation", "has-member", &reference)
-                            .await?,
-                    );
-                }
-                ("Specimen", _) => {
-                    if linked.contains(&reference) {
-                        continue;
-                    }
-                    candidates.extend(
-                        reader
-                            .referencing("Observation", "specimen", &reference)
-                            .await?,
-                    );
-                    for r in reader
-                        .referencing("DiagnosticReport", "specimen", &reference)
-                        .await?
-                    {
-                        if let Some(report) = reader.read("DiagnosticReport", &r).await? {
-                            candidates.extend(targets(&report["result"], "Observation"));
-                        }
-                    }
-                }
-                ("DiagnosticReport", Some(b)) => {
-                    candidates.extend(targets(&b["result"], "Observation"));
-                }
-                ("Patient", _) => {
-                    candidates.extend(
-                        reader
-                            .referencing("Observation", "subject", &reference)
-                            .await?,
-                    );
-                }
-                // the treating facility and its ASL decide the recipients: a case follows them
-                ("Encounter", _) => {
-                    self.isolates_of_encounter(&mut reader, &reference, &mut candidates)
-                        .await?;
-                }
-                ("Organization", _) => {
-                    let mut orgs = vec![reference.clone()];
-                    let mut i = 0;
-                    // the facility may sit a few levels below the ASL
-                    while i < orgs.len() && orgs.len() < 64 {
-                        for child in reader
-                            .referencing("Organization", "partof", &orgs[i])
-                            .await?
-                        {
-                            let child = format!("Organization/{child}");
-                            if !orgs.contains(&child) {
-                                orgs.push(child);
-                            }
-                        }
-                        i += 1;
-                    }
-                    for org in &orgs {
-                        for e in reader
-                            .referencing("Encounter", "service-provider", org)
-                            .await?
-                        {
-                            self.isolates_of_encounter(
-                                &mut reader,
-                                &format!("Encounter/{e}"),
-                                &mut candidates,
-                            )
-                            .await?;
-                        }
                         for r in reader
-                            .referencing("DiagnosticReport", "performer", org)
+                            .referencing("DiagnosticReport", "result", &reference)
                             .await?
                         {
                             if let Some(report) = reader.read("DiagnosticReport", &r).await? {
                                 candidates.extend(targets(&report["result"], "Observation"));
                             }
                         }
+                        if let Some(s) = target(&body["specimen"], "Specimen") {
+                            self.observations_of_specimen(
+                                &mut reader,
+                                &format!("Specimen/{s}"),
+                                &mut candidates,
+                            )
+                            .await?;
+                        }
                     }
+                    "Specimen" => {
+                        self.observations_of_specimen(&mut reader, &reference, &mut candidates)
+                            .await?;
+                    }
+                    "DiagnosticReport" => {
+                        candidates.extend(targets(&body["result"], "Observation"));
+                        for s in targets(&body["specimen"], "Specimen") {
+                            self.observations_of_specimen(
+                                &mut reader,
+                                &format!("Specimen/{s}"),
+                                &mut candidates,
+                            )
+                            .await?;
+                        }
+                    }
+                    "Patient" => {
+                        candidates.extend(
+                            reader
+                                .referencing("Observation", "subject", &reference)
+                                .await?,
+                        );
+                    }
+                    // the treating facility and its ASL decide the recipients: a case follows them
+                    "Encounter" => {
+                        self.isolates_of_encounter(&mut reader, &reference, &mut candidates)
+                            .await?;
+                    }
+                    "Organization" => {
+                        self.isolates_of_organization(&mut reader, &reference, &mut candidates)
+                            .await?;
+                    }
+                    _ => {}
                 }
-                _ => {}
             }
         }
-        if candidates.is_empty() {
-            return Ok(());
-        }
 
+        // each candidate isolate is decided under its own lock (a second lock namespace, taken
+        // after the first in every transaction: no lock cycles), so a concurrent writer that
+        // reached it through another path cannot overwrite a fresher decision
+        for id in &candidates {
+            reader.tx.lock(&format!("cre-isolate:{id}")).await?;
+        }
         let evaluator = self.evaluator();
-        let mut findings: HashMap<String, Finding> = HashMap::new();
         let mut keys = BTreeSet::new();
+        let mut decided: HashMap<String, Option<Finding>> = HashMap::new();
         for id in candidates {
-            // cheap filter first: most candidates are the isolate's own results
             let previous = reader.tx.cre_isolate(&id).await?;
             if previous.is_none()
-                && let Some(obs) = reader.read("Observation", &id).await?
-                && !is_isolate_code(def, t, &obs)
+                && reader
+                    .read("Observation", &id)
+                    .await?
+                    .is_none_or(|obs| !is_isolate_code(def, t, &obs))
             {
                 continue;
             }
-            match evaluator.evaluate(&mut reader, &id).await? {
-                Evaluation::Decided(f) => {
-                    if f.qualifies || previous.is_some() {
-                        reader
-                            .tx
-                            .cre_put_isolate(&IsolateState {
-                                isolate_id: id.clone(),
-                                key: f.key.clone(),
-                                ref_time: f.date.micros,
-                                qualifies: f.qualifies,
-                            })
-                            .await?;
-                        keys.insert(f.key.clone());
-                    }
-                    if let Some(p) = previous
-                        && p.key != f.key
-                    {
-                        keys.insert(p.key);
-                    }
-                    findings.insert(id, *f);
-                }
-                Evaluation::NotApplicable | Evaluation::Pending => {
-                    if let Some(mut p) = previous {
-                        if p.qualifies {
-                            p.qualifies = false;
-                            reader.tx.cre_put_isolate(&p).await?;
-                        }
+            let finding = match evaluator.evaluate(&mut reader, &id).await? {
+                Evaluation::Decided(f) => Some(*f),
+                Evaluation::NotApplicable | Evaluation::Pending => None,
+            };
+            // the row follows the isolate to its current key, so that key's resolution sees it
+            match (&finding, previous) {
+                (Some(f), previous) if f.qualifies || previous.is_some() => {
+                    reader.tx.cre_put_isolate(&state_of(f)).await?;
+                    keys.insert(f.key.clone());
+                    if let Some(p) = previous {
                         keys.insert(p.key);
                     }
                 }
+                (_, Some(mut p)) => {
+                    p.qualifies = false;
+                    reader.tx.cre_put_isolate(&p).await?;
+                    keys.insert(p.key);
+                }
+                _ => {}
             }
+            decided.insert(id, finding);
         }
         for key in keys {
             reader
@@ -329,7 +265,48 @@ impl Engine {
                     key.identity, key.species, key.year
                 ))
                 .await?;
-            self.resolve(&mut reader, &key, &mut findings).await?;
+            self.resolve(&mut reader, &key, &mut decided).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether a write can change a decision (cheap, from the two versions alone): an unchanged
+    /// identity, facility or hierarchy on a Patient, Encounter or Organization changes nothing.
+    fn changes_decisions(&self, w: &Touched) -> bool {
+        let (Some(new), Some(old)) = (&w.body, &w.previous) else {
+            return true;
+        };
+        match w.resource_type.as_str() {
+            "Patient" => evaluate::identity(&w.id, new).0 != evaluate::identity(&w.id, old).0,
+            "Encounter" => new["serviceProvider"] != old["serviceProvider"],
+            "Organization" => {
+                new["partOf"] != old["partOf"]
+                    || new["identifier"] != old["identifier"]
+                    || new["name"] != old["name"]
+            }
+            _ => true,
+        }
+    }
+
+    /// Observations on a specimen, directly or through a report on it.
+    async fn observations_of_specimen(
+        &self,
+        reader: &mut Reader<'_>,
+        specimen: &str,
+        candidates: &mut BTreeSet<String>,
+    ) -> StoreResult<()> {
+        candidates.extend(
+            reader
+                .referencing("Observation", "specimen", specimen)
+                .await?,
+        );
+        for r in reader
+            .referencing("DiagnosticReport", "specimen", specimen)
+            .await?
+        {
+            if let Some(report) = reader.read("DiagnosticReport", &r).await? {
+                candidates.extend(targets(&report["result"], "Observation"));
+            }
         }
         Ok(())
     }
@@ -357,75 +334,127 @@ impl Engine {
         Ok(())
     }
 
-    /// Make the case of one key agree with its evidence: create it, move it to another isolate,
-    /// refresh its evidence, or withdraw it.
+    /// The isolates served by an Organization or the facilities below it.
+    async fn isolates_of_organization(
+        &self,
+        reader: &mut Reader<'_>,
+        organization: &str,
+        candidates: &mut BTreeSet<String>,
+    ) -> StoreResult<()> {
+        let mut orgs = vec![organization.to_string()];
+        let mut i = 0;
+        // the facility may sit a few levels below the ASL
+        while i < orgs.len() && orgs.len() < 64 {
+            for child in reader
+                .referencing("Organization", "partof", &orgs[i])
+                .await?
+            {
+                let child = format!("Organization/{child}");
+                if !orgs.contains(&child) {
+                    orgs.push(child);
+                }
+            }
+            i += 1;
+        }
+        for org in &orgs {
+            for e in reader
+                .referencing("Encounter", "service-provider", org)
+                .await?
+            {
+                self.isolates_of_encounter(reader, &format!("Encounter/{e}"), candidates)
+                    .await?;
+            }
+            for r in reader
+                .referencing("DiagnosticReport", "performer", org)
+                .await?
+            {
+                if let Some(report) = reader.read("DiagnosticReport", &r).await? {
+                    candidates.extend(targets(&report["result"], "Observation"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Make the case of one key agree with its evidence: every isolate recorded for the key is
+    /// evaluated again, the earliest that meets the definition carries the case (created, moved
+    /// or refreshed, keeping its identifier), and without one the case is withdrawn.
     async fn resolve(
         &self,
         reader: &mut Reader<'_>,
         key: &CaseKey,
-        findings: &mut HashMap<String, Finding>,
+        decided: &mut HashMap<String, Option<Finding>>,
     ) -> StoreResult<()> {
+        let evaluator = self.evaluator();
+        let mut carrier: Option<Finding> = None;
+        for id in reader.tx.cre_isolates_of_key(key).await? {
+            let finding = match decided.get(&id) {
+                Some(f) => f.clone(),
+                None => {
+                    // recorded earlier, not touched now: its row may be stale (a value set or
+                    // breakpoint table changed since), so it is decided again
+                    let f = match evaluator.evaluate(reader, &id).await? {
+                        Evaluation::Decided(f) => Some(*f),
+                        _ => None,
+                    };
+                    let state = match &f {
+                        Some(f) => state_of(f),
+                        None => IsolateState {
+                            isolate_id: id.clone(),
+                            key: key.clone(),
+                            ref_time: 0,
+                            qualifies: false,
+                        },
+                    };
+                    reader.tx.cre_put_isolate(&state).await?;
+                    decided.insert(id.clone(), f.clone());
+                    f
+                }
+            };
+            if let Some(f) = finding
+                && f.qualifies
+                && f.key == *key
+                && carrier
+                    .as_ref()
+                    .is_none_or(|c| (f.date.micros, &f.isolate_id) < (c.date.micros, &c.isolate_id))
+            {
+                carrier = Some(f);
+            }
+        }
         let active = reader.tx.cre_active_case(key).await?;
-        let qualifying = reader.tx.cre_qualifying(key).await?;
-        match active {
-            Some(case) if qualifying.contains(&case.isolate_id) => {
-                let f = self.finding(reader, &case.isolate_id, findings).await?;
+        match (active, carrier) {
+            (Some(case), Some(f)) => {
+                if case.isolate_id != f.isolate_id {
+                    reader
+                        .tx
+                        .cre_set_case(&case.case_id, &f.isolate_id, true)
+                        .await?;
+                }
                 self.write_case(reader.tx, &case.case_id, &f, "completed")
                     .await
             }
-            Some(case) => match qualifying.first() {
-                Some(next) => {
-                    reader.tx.cre_set_case(&case.case_id, next, true).await?;
-                    let f = self.finding(reader, next, findings).await?;
-                    self.write_case(reader.tx, &case.case_id, &f, "completed")
-                        .await
-                }
-                None => {
-                    reader
-                        .tx
-                        .cre_set_case(&case.case_id, &case.isolate_id, false)
-                        .await?;
-                    self.withdraw(reader.tx, &case.case_id).await
-                }
-            },
-            None => {
-                let Some(first) = qualifying.first() else {
-                    return Ok(());
-                };
+            (Some(case), None) => {
+                reader
+                    .tx
+                    .cre_set_case(&case.case_id, &case.isolate_id, false)
+                    .await?;
+                self.withdraw(reader.tx, &case.case_id).await
+            }
+            (None, Some(f)) => {
                 let case = CaseRow {
                     case_id: uuid::Uuid::new_v4().to_string(),
                     key: key.clone(),
-                    isolate_id: first.clone(),
+                    isolate_id: f.isolate_id.clone(),
                     active: true,
                 };
                 // the unique index decides between racing transactions: the loser adds nothing
                 if reader.tx.cre_claim_case(&case, now_micros()).await? {
-                    let f = self.finding(reader, first, findings).await?;
                     self.write_case(reader.tx, &case.case_id, &f, "completed")
                         .await?;
                 }
                 Ok(())
             }
-        }
-    }
-
-    async fn finding(
-        &self,
-        reader: &mut Reader<'_>,
-        isolate_id: &str,
-        findings: &mut HashMap<String, Finding>,
-    ) -> StoreResult<Finding> {
-        if let Some(f) = findings.get(isolate_id) {
-            return Ok(f.clone());
-        }
-        match self.evaluator().evaluate(reader, isolate_id).await? {
-            Evaluation::Decided(f) => {
-                findings.insert(isolate_id.to_string(), (*f).clone());
-                Ok(*f)
-            }
-            _ => Err(StoreError::Rule(format!(
-                "isolate Observation/{isolate_id} is recorded as meeting the CRE definition but cannot be evaluated"
-            ))),
+            (None, None) => Ok(()),
         }
     }
 
@@ -502,12 +531,43 @@ impl Engine {
     }
 }
 
+fn state_of(f: &Finding) -> IsolateState {
+    IsolateState {
+        isolate_id: f.isolate_id.clone(),
+        key: f.key.clone(),
+        ref_time: f.date.micros,
+        qualifies: f.qualifies,
+    }
+}
+
+/// The links the rules follow, by element: lock keys are taken on every id they name.
+const LINKS: &[(&str, &str)] = &[
+    ("subject", "Patient"),
+    ("specimen", "Specimen"),
+    ("derivedFrom", "Observation"),
+    ("hasMember", "Observation"),
+    ("result", "Observation"),
+    ("encounter", "Encounter"),
+    ("serviceProvider", "Organization"),
+    ("partOf", "Organization"),
+];
+
+/// Ids of type `rt` named by a Reference or a list of them.
+fn linked_ids(element: &Value, rt: &str) -> Vec<String> {
+    match element {
+        Value::Array(_) => targets(element, rt),
+        other => target(other, rt).into_iter().collect(),
+    }
+}
+
 /// A resource a transaction wrote (body `None`: deleted).
 #[derive(Debug, Clone)]
 pub struct Touched {
     pub resource_type: String,
     pub id: String,
     pub body: Option<Arc<Value>>,
+    /// The version this write replaced, if any: its links count too (a correction can drop them).
+    pub previous: Option<Arc<Value>>,
     /// Created with a server-assigned id: nothing written before this transaction can refer to it.
     pub created: bool,
 }
@@ -557,12 +617,23 @@ impl StoreTx for SurveillanceTx {
         self.inner.search_ids(q).await
     }
     async fn write(&mut self, v: &NewVersion) -> StoreResult<()> {
+        let previous = if watched(&v.resource_type) && v.version_id > 1 {
+            self.inner
+                .current(&v.resource_type, &v.id)
+                .await?
+                .and_then(|c| c.body)
+                .and_then(|b| serde_json::from_str(&b).ok())
+                .map(Arc::new)
+        } else {
+            None
+        };
         self.inner.write(v).await?;
         if watched(&v.resource_type) {
             self.touched.push(Touched {
                 resource_type: v.resource_type.clone(),
                 id: v.id.clone(),
                 body: v.resource.clone(),
+                previous,
                 created: v.method == "POST",
             });
         }
@@ -585,6 +656,9 @@ impl StoreTx for SurveillanceTx {
     }
     async fn cre_qualifying(&mut self, key: &CaseKey) -> StoreResult<Vec<String>> {
         self.inner.cre_qualifying(key).await
+    }
+    async fn cre_isolates_of_key(&mut self, key: &CaseKey) -> StoreResult<Vec<String>> {
+        self.inner.cre_isolates_of_key(key).await
     }
     async fn cre_active_case(&mut self, key: &CaseKey) -> StoreResult<Option<CaseRow>> {
         self.inner.cre_active_case(key).await
