@@ -1339,6 +1339,63 @@ on_both_databases! {
         assert_eq!(v1.body["status"], "completed");
     }
 
+    async fn deleting_the_only_evidence_withdraws_the_case(app) {
+        // carbapenems all S: the KPC result (linked by derivedFrom only) is the only evidence
+        let lab = Lab::base().susceptible(Role::Mem).susceptible(Role::Ipm).susceptible(Role::Etp);
+        let posted = post_lab(&app, &lab.bundle()).await;
+        let case = the_case(&app).await;
+        let r = app.delete(&format!("/fhir/{}", posted.of(Role::Kpc))).await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+        let withdrawn = the_case(&app).await;
+        assert_eq!(withdrawn["id"], case["id"]);
+        assert_eq!(withdrawn["status"], "entered-in-error");
+    }
+
+    async fn an_earlier_isolate_arriving_later_carries_the_case(app) {
+        // the March culture is reported first, a February culture of the same species later:
+        // the case is the first of the year, so it moves to February and keeps its identifier
+        post_lab(&app, &Lab::meropenem_r().bundle()).await;
+        let march = the_case(&app).await;
+        let february = Lab::meropenem_r().tag("feb")
+            .dated("2026-02-10T09:00:00+01:00", "2026-02-11T10:00:00+01:00", "2026-02-12T12:00:00+01:00");
+        let posted = post_lab(&app, &february.bundle()).await;
+        let moved = the_case(&app).await;
+        assert_eq!(moved["id"], march["id"]);
+        assert_eq!(moved["identifier"], march["identifier"]);
+        assert_eq!(moved["status"], "completed");
+        assert_ne!(moved["meta"]["versionId"], march["meta"]["versionId"]);
+        assert!(about(&moved).contains(&posted.of(Role::Isolate)), "{moved:#}");
+        assert_reference_date(&moved, "2026-02-10T09:00:00+01:00", "raccolta-campione", 2026);
+    }
+
+    async fn a_replacement_report_keeps_the_case(app) {
+        let posted = post_lab(&app, &Lab::meropenem_r().bundle()).await;
+        let case = the_case(&app).await;
+        // the laboratory issues a corrected report for the same isolate, then withdraws the first
+        let replacement = json!({
+            "resourceType": "DiagnosticReport",
+            "status": "corrected",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "MB"}]}],
+            "code": {"coding": [{"system": "http://loinc.org", "code": "600-7"}]},
+            "subject": {"reference": posted.of(Role::Patient)},
+            "issued": "2026-03-06T09:00:00+01:00",
+            "result": [{"reference": posted.of(Role::Isolate)}, {"reference": posted.of(Role::Mem)}]
+        });
+        let r = app.post("/fhir/DiagnosticReport", &replacement).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        correct(&app, &posted.of(Role::Report), |report| report["status"] = json!("entered-in-error")).await;
+        let after = the_case(&app).await;
+        assert_eq!(after["id"], case["id"]);
+        assert_eq!(after["status"], "completed", "{after:#}");
+        assert!(!about(&after).contains(&posted.of(Role::Report)), "{after:#}");
+    }
+
+    async fn mic_units_are_read_whatever_their_case(app) {
+        // UCUM 'mg/l' is the same unit as 'mg/L'
+        post_lab(&app, &Lab::only(Role::Mem).measured(Role::Mem, "16", "mg/l").bundle()).await;
+        assert_eq!(cases(&app).await.len(), 1);
+    }
+
     async fn correction_keeps_the_case_while_other_evidence_holds(app) {
         // meropenem R and imipenem R (the fixture's), ertapenem S, no carbapenemase test
         let lab = Lab::base().susceptible(Role::Etp).without(Role::Kpc);
