@@ -184,6 +184,8 @@ pub trait StoreTx: Send {
     ) -> StoreResult<Option<StoredResource>>;
     /// Serialise writers that use the same key until this transaction ends (conditional create).
     async fn lock(&mut self, key: &str) -> StoreResult<()>;
+    /// `lock` on several keys in one round trip, in a fixed global order (no lock cycles).
+    async fn lock_all(&mut self, keys: &[String]) -> StoreResult<()>;
     async fn search_ids(&mut self, q: &SearchQuery) -> StoreResult<Vec<String>>;
     /// Write a new version; `version_id - 1` must still be the current one (1 = must not exist).
     async fn write(&mut self, v: &NewVersion) -> StoreResult<()>;

@@ -402,6 +402,24 @@ macro_rules! sql_backend {
                     Ok(())
                 }
 
+                async fn lock_all(&mut self, keys: &[String]) -> StoreResult<()> {
+                    let lock: Option<&'static str> = $lock;
+                    if lock.is_none() || keys.is_empty() {
+                        return Ok(());
+                    }
+                    let mut hashed: Vec<i64> = keys.iter().map(|k| lock_key(k)).collect();
+                    hashed.sort_unstable();
+                    hashed.dedup();
+                    // the keys are integers computed here, so inlining them is safe
+                    let list: Vec<String> = hashed.iter().map(i64::to_string).collect();
+                    let sql = format!(
+                        "SELECT pg_advisory_xact_lock(k) FROM unnest(ARRAY[{}]::int8[]) WITH ORDINALITY AS t(k, n) ORDER BY n",
+                        list.join(",")
+                    );
+                    sqlx::query(AssertSqlSafe(sql)).execute(&mut *self.tx).await?;
+                    Ok(())
+                }
+
                 async fn search_ids(&mut self, q: &SearchQuery) -> StoreResult<Vec<String>> {
                     self.flush().await?;
                     let sql = q.ids_sql();

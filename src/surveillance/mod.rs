@@ -111,9 +111,7 @@ impl Engine {
                 }
             }
         }
-        for l in &locks {
-            tx.lock(l).await?;
-        }
+        tx.lock_all(&locks.into_iter().collect::<Vec<_>>()).await?;
 
         let mut reader = Reader::new(tx);
         for w in touched {
@@ -219,9 +217,11 @@ impl Engine {
         // each candidate isolate is decided under its own lock (a second lock namespace, taken
         // after the first in every transaction: no lock cycles), so a concurrent writer that
         // reached it through another path cannot overwrite a fresher decision
-        for id in &candidates {
-            reader.tx.lock(&format!("cre-isolate:{id}")).await?;
-        }
+        let isolate_locks: Vec<String> = candidates
+            .iter()
+            .map(|id| format!("cre-isolate:{id}"))
+            .collect();
+        reader.tx.lock_all(&isolate_locks).await?;
         let evaluator = self.evaluator();
         let mut keys = BTreeSet::new();
         let mut decided: HashMap<String, Option<Finding>> = HashMap::new();
@@ -257,14 +257,12 @@ impl Engine {
             }
             decided.insert(id, finding);
         }
+        let key_locks: Vec<String> = keys
+            .iter()
+            .map(|k| format!("cre-key:{}|{}|{}", k.identity, k.species, k.year))
+            .collect();
+        reader.tx.lock_all(&key_locks).await?;
         for key in keys {
-            reader
-                .tx
-                .lock(&format!(
-                    "cre-key:{}|{}|{}",
-                    key.identity, key.species, key.year
-                ))
-                .await?;
             self.resolve(&mut reader, &key, &mut decided).await?;
         }
         Ok(())
@@ -540,7 +538,9 @@ fn state_of(f: &Finding) -> IsolateState {
     }
 }
 
-/// The links the rules follow, by element: lock keys are taken on every id they name.
+/// The links between pieces of evidence, by element: lock keys are taken on every id they name.
+/// Facilities are left out on purpose: every Bundle of a hospital names the same Organization, and
+/// locking it would serialise them all; a facility change reaches isolates under their own locks.
 const LINKS: &[(&str, &str)] = &[
     ("subject", "Patient"),
     ("specimen", "Specimen"),
@@ -548,8 +548,6 @@ const LINKS: &[(&str, &str)] = &[
     ("hasMember", "Observation"),
     ("result", "Observation"),
     ("encounter", "Encounter"),
-    ("serviceProvider", "Organization"),
-    ("partOf", "Organization"),
 ];
 
 /// Ids of type `rt` named by a Reference or a list of them.
@@ -612,6 +610,9 @@ impl StoreTx for SurveillanceTx {
     }
     async fn flush(&mut self) -> StoreResult<()> {
         self.inner.flush().await
+    }
+    async fn lock_all(&mut self, keys: &[String]) -> StoreResult<()> {
+        self.inner.lock_all(keys).await
     }
     async fn search_ids(&mut self, q: &SearchQuery) -> StoreResult<Vec<String>> {
         self.inner.search_ids(q).await
