@@ -1306,6 +1306,25 @@ on_both_databases! {
         assert_eq!(app.count("Communication").await, 1);
     }
 
+    async fn case_notifications_are_written_by_the_rules_only(app) {
+        post_lab(&app, &Lab::meropenem_r().bundle()).await;
+        let case = the_case(&app).await;
+        let path = format!("/fhir/Communication/{}", case["id"].as_str().unwrap());
+        let mut forged = case.clone();
+        forged["status"] = json!("entered-in-error");
+        let r = app.put(&path, &forged, &[]).await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.text);
+        let r = app.delete(&path).await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.text);
+        let mut new = case.clone();
+        new.as_object_mut().unwrap().shift_remove("id");
+        let r = app.post("/fhir/Communication", &new).await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.text);
+        let unchanged = the_case(&app).await;
+        assert_eq!(unchanged["meta"]["versionId"], "1");
+        assert_eq!(unchanged["status"], "completed");
+    }
+
     async fn omocodia_variants_are_one_person(app) {
         let cf = "RSSMRA85T10A562S";
         let variant = CodiceFiscale::complete("RSSMRA85T10A56N").unwrap().as_str().to_ascii_lowercase();

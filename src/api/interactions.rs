@@ -3,10 +3,11 @@
 use serde_json::Value;
 
 use super::search::{SearchRequest, parse_search};
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, Issue};
 use crate::fhir::datetime::now_micros;
 use crate::fhir::resource::resource_type;
 use crate::store::{NewVersion, StoreError, StoreTx, StoredResource};
+use crate::surveillance::is_case_notification;
 
 /// A version the transaction wrote (or, for a conditional create that matched, found).
 #[derive(Debug, Clone)]
@@ -56,8 +57,32 @@ fn conflict(e: StoreError, if_match: bool) -> ApiError {
 }
 
 /// Create a resource with the given (server-assigned) id.
+/// Case notifications are the rules' output: a client cannot create, change or delete one.
+fn refuse_case_notification(resource: &Value) -> ApiResult<()> {
+    if is_case_notification(resource) {
+        return Err(ApiError::unprocessable(vec![Issue::error(
+            "business-rule",
+            "case notifications (profile notifica-caso) are written by the surveillance rules only; \
+             correct the evidence they rest on instead",
+            Some("Communication.meta.profile".into()),
+        )]));
+    }
+    Ok(())
+}
+
+fn refuse_stored_case_notification(current: Option<&StoredResource>) -> ApiResult<()> {
+    match current.and_then(|c| c.body.as_deref()) {
+        Some(body) => match serde_json::from_str::<Value>(body) {
+            Ok(v) => refuse_case_notification(&v),
+            Err(_) => Ok(()),
+        },
+        None => Ok(()),
+    }
+}
+
 pub async fn create(tx: &mut dyn StoreTx, resource: Value, id: &str) -> ApiResult<Written> {
     let rt = resource_type(&resource)?.to_string();
+    refuse_case_notification(&resource)?;
     let v = new_version(resource, &rt, id, 1, "POST");
     tx.write(&v).await.map_err(|e| conflict(e, false))?;
     Ok(Written {
@@ -124,7 +149,11 @@ pub async fn update(
     if_match: Option<i64>,
 ) -> ApiResult<Written> {
     let rt = resource_type(&resource)?.to_string();
+    refuse_case_notification(&resource)?;
     let current = tx.current(&rt, id).await?;
+    if rt == "Communication" {
+        refuse_stored_case_notification(current.as_ref())?;
+    }
     if let Some(expected) = if_match {
         match &current {
             Some(c) if c.version_id == expected && !c.deleted => {}
@@ -170,6 +199,9 @@ pub async fn delete(
     };
     if current.deleted {
         return Ok(None);
+    }
+    if rt == "Communication" {
+        refuse_stored_case_notification(Some(&current))?;
     }
     if let Some(expected) = if_match
         && expected != current.version_id

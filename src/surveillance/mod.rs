@@ -570,6 +570,21 @@ pub struct Touched {
     pub created: bool,
 }
 
+/// Is this a case notification (profile `notifica-caso`)? Those are written by the rules only.
+pub fn is_case_notification(resource: &Value) -> bool {
+    let profile = format!(
+        "{}/StructureDefinition/notifica-caso",
+        crate::terminology::CANON
+    );
+    resource["resourceType"] == "Communication"
+        && resource["meta"]["profile"].as_array().is_some_and(|p| {
+            p.iter().any(|u| {
+                u.as_str()
+                    .is_some_and(|u| u.split('|').next() == Some(profile.as_str()))
+            })
+        })
+}
+
 /// The types whose writes can change a CRE decision.
 fn watched(resource_type: &str) -> bool {
     matches!(
