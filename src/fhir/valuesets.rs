@@ -32,6 +32,12 @@ impl ValueSets {
         })
     }
 
+    /// Every (system, code) of an enumerable value set.
+    pub fn codes(&self, value_set: &str) -> Option<&HashSet<(String, String)>> {
+        let url = value_set.split('|').next().unwrap_or(value_set);
+        self.expanded.get(url)?.as_ref()
+    }
+
     /// The systems a value set draws from (to tell "another system" from "wrong code").
     pub fn systems(&self, value_set: &str) -> Option<HashSet<&str>> {
         let url = value_set.split('|').next().unwrap_or(value_set);

@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use crate::fhir::fhirpath::split_reference;
 use crate::store::{Condition, Match, SearchQuery, StoreResult, StoreTx, SystemMatch};
+use crate::terminology::Code;
 
 pub struct Reader<'t> {
     pub tx: &'t mut dyn StoreTx,
@@ -95,6 +96,19 @@ impl<'t> Reader<'t> {
         param: &str,
         target: &str,
     ) -> StoreResult<Vec<String>> {
+        self.referencing_coded(source_type, param, target, &[])
+            .await
+    }
+
+    /// `referencing`, narrowed to resources whose `code` is one of `codes` (when not empty): a
+    /// patient's or an encounter's isolates, not all of their observations.
+    pub async fn referencing_coded(
+        &mut self,
+        source_type: &str,
+        param: &str,
+        target: &str,
+        codes: &[Code],
+    ) -> StoreResult<Vec<String>> {
         if let (Some((t, id)), Some(element)) = (split_reference(target), element_of(param))
             && self.fresh.contains(&(t.to_string(), id.to_string()))
         {
@@ -112,16 +126,30 @@ impl<'t> Reader<'t> {
             }
             return Ok(out);
         }
+        let mut conditions = vec![Condition::Index {
+            param: param.to_string(),
+            any_of: vec![Match::Exact {
+                value: target.to_string(),
+                system: SystemMatch::Any,
+            }],
+            negate: false,
+        }];
+        if !codes.is_empty() {
+            conditions.push(Condition::Index {
+                param: "code".to_string(),
+                any_of: codes
+                    .iter()
+                    .map(|(system, code)| Match::Exact {
+                        value: code.clone(),
+                        system: SystemMatch::Is(system.clone()),
+                    })
+                    .collect(),
+                negate: false,
+            });
+        }
         let q = SearchQuery {
             resource_type: source_type.to_string(),
-            conditions: vec![Condition::Index {
-                param: param.to_string(),
-                any_of: vec![Match::Exact {
-                    value: target.to_string(),
-                    system: SystemMatch::Any,
-                }],
-                negate: false,
-            }],
+            conditions,
             count: 1000,
             ..Default::default()
         };

@@ -34,6 +34,8 @@ pub struct Engine {
     /// logged when the server stops.
     runs: AtomicU64,
     micros: AtomicU64,
+    /// The isolate codes (standard and mapped local ones), to find a patient's isolates directly.
+    isolate_codes: Vec<crate::terminology::Code>,
 }
 
 impl Drop for Engine {
@@ -56,6 +58,7 @@ impl Engine {
     pub fn new(eucast_version: Option<&str>) -> Result<Engine, String> {
         let t = Terminology::get();
         let definition = CaseDefinition::cre()?;
+        let isolate_codes = t.value_set_codes(&definition.isolate.codes);
         let breakpoints = t.breakpoints.table(eucast_version).cloned().ok_or_else(|| {
             format!(
                 "EUCAST breakpoint table '{}' is not in terminology/eucast-breakpoints.json (there: {})",
@@ -71,6 +74,7 @@ impl Engine {
             tz,
             runs: AtomicU64::new(0),
             micros: AtomicU64::new(0),
+            isolate_codes,
         })
     }
 
@@ -196,7 +200,12 @@ impl Engine {
                     "Patient" => {
                         candidates.extend(
                             reader
-                                .referencing("Observation", "subject", &reference)
+                                .referencing_coded(
+                                    "Observation",
+                                    "subject",
+                                    &reference,
+                                    &self.isolate_codes,
+                                )
                                 .await?,
                         );
                     }
@@ -318,7 +327,7 @@ impl Engine {
     ) -> StoreResult<()> {
         candidates.extend(
             reader
-                .referencing("Observation", "encounter", encounter)
+                .referencing_coded("Observation", "encounter", encounter, &self.isolate_codes)
                 .await?,
         );
         for r in reader

@@ -159,6 +159,22 @@ impl Terminology {
             .is_some()
     }
 
+    /// Every code of a value set, plus the senders' local codes that map into it (what a stored
+    /// resource's index may hold for a member of the set).
+    pub fn value_set_codes(&self, value_set: &str) -> Vec<Code> {
+        let Some(codes) = self.valuesets.codes(&canonical("ValueSet", value_set)) else {
+            return Vec::new();
+        };
+        let mut out: Vec<Code> = codes.iter().cloned().collect();
+        for (local, targets) in &self.local {
+            if targets.iter().any(|t| codes.contains(t)) {
+                out.push(local.clone());
+            }
+        }
+        out.sort();
+        out
+    }
+
     /// The targets of `code` in the ConceptMap `CANON/ConceptMap/<id>`.
     pub fn translate(&self, concept_map: &str, code: &Code) -> &[Code] {
         self.maps
@@ -281,6 +297,17 @@ mod tests {
         assert_eq!(t.unmapped_local_codes(&unmapped).len(), 1);
         assert!(t.in_value_set("campione-sangue", &(SNOMED.into(), "119297000".into())));
         assert!(!t.in_value_set("campione-sangue", &(SNOMED.into(), "122575003".into())));
+    }
+
+    #[test]
+    fn value_set_codes_include_the_local_codes_that_map_into_it() {
+        let codes = Terminology::get().value_set_codes("esame-colturale");
+        assert!(codes.contains(&(LOINC.to_string(), "600-7".to_string())));
+        assert!(codes.contains(&(
+            "https://lis.niguarda.example/codici".to_string(),
+            "EMOC".to_string()
+        )));
+        assert!(!codes.contains(&(LOINC.to_string(), "630-4".to_string())));
     }
 
     #[test]
