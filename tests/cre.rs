@@ -1306,6 +1306,30 @@ on_both_databases! {
         assert_eq!(app.count("Communication").await, 1);
     }
 
+    async fn a_second_isolate_on_the_specimen_re_decides_the_first(app) {
+        // evidence linked to its isolate only by the specimen (no hasMember, derivedFrom or report)
+        let mut pieces = meropenem_pieces().pieces();
+        pieces.get_mut(&Role::Isolate).unwrap().as_object_mut().unwrap().shift_remove("hasMember");
+        pieces.get_mut(&Role::Mem).unwrap().as_object_mut().unwrap().shift_remove("derivedFrom");
+        for role in [Role::Patient, Role::Asl, Role::Hospital, Role::Encounter, Role::Specimen, Role::Mem, Role::Isolate] {
+            let r = app.put(&format!("/fhir/{}", role.fixed_reference()), &pieces[&role], &[]).await;
+            assert_eq!(r.status, StatusCode::CREATED, "{role:?}: {}", r.text);
+        }
+        let case = the_case(&app).await;
+        assert_eq!(case["status"], "completed");
+        // a second organism is identified in the same culture: the meropenem result can no longer be
+        // told to belong to the first isolate, so its case is withdrawn, and the second has none
+        let mut second = pieces[&Role::Isolate].clone();
+        second["id"] = json!("cre-isolate-2");
+        second["identifier"] = json!([{"system": "urn:oid:2.16.840.1.113883.2.9.4.3.9", "value": "ISO-2"}]);
+        second["valueCodeableConcept"] = json!({"coding": [{"system": "http://snomed.info/sct", "code": "112283007"}]});
+        let r = app.put("/fhir/Observation/cre-isolate-2", &second, &[]).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        let after = the_case(&app).await;
+        assert_eq!(after["id"], case["id"]);
+        assert_eq!(after["status"], "entered-in-error", "{after:#}");
+    }
+
     async fn case_notifications_are_written_by_the_rules_only(app) {
         post_lab(&app, &Lab::meropenem_r().bundle()).await;
         let case = the_case(&app).await;

@@ -151,6 +151,18 @@ impl Engine {
                         if !is_relevant_observation(def, t, body) {
                             continue;
                         }
+                        if is_isolate_code(def, t, body)
+                            && let Some(s) = target(&body["specimen"], "Specimen")
+                        {
+                            // another isolate on the same specimen: the others' unlinked evidence
+                            // may no longer be theirs alone, so they are decided again
+                            self.observations_of_specimen(
+                                &mut reader,
+                                &format!("Specimen/{s}"),
+                                &mut candidates,
+                            )
+                            .await?;
+                        }
                         let derived = targets(&body["derivedFrom"], "Observation");
                         let known = isolates_here.contains(w.id.as_str())
                             || members_here.contains(&w.id)
