@@ -2,7 +2,7 @@
 //!
 //! Uses the library's store directly (no HTTP): seeds cases into `cre_cases` / `cre_isolates` with
 //! `cre_claim_case` + `cre_put_isolate` (one qualifying isolate per case, 10 000 per transaction),
-//! then times lookups as the engine does them for a key (`cre_active_case` + `cre_qualifying`),
+//! then times lookups as the engine does them for a key (`cre_active_case` + `cre_isolates_of_key`),
 //! half of them hits and half misses, inside transactions that only read. The same database grows
 //! from one size to the next.
 //!
@@ -309,7 +309,7 @@ fn probes(rng: &mut Rng, n: usize, stored: usize, never_stored_from: u64) -> Vec
 
 struct Measured {
     wall: Duration,
-    /// Per lookup (`cre_active_case` + `cre_qualifying`), sorted.
+    /// Per lookup (`cre_active_case` + `cre_isolates_of_key`), sorted.
     latencies: Vec<Duration>,
     wrong: usize,
     first_wrong: Option<String>,
@@ -327,7 +327,7 @@ async fn look_up(store: &SharedStore, probes: &[Probe]) -> Result<Measured> {
             let key = case_key(p.index);
             let t = Instant::now();
             let active = tx.cre_active_case(&key).await?;
-            let qualifying = tx.cre_qualifying(&key).await?;
+            let qualifying = tx.cre_isolates_of_key(&key).await?;
             latencies.push(t.elapsed());
             let right = if p.hit {
                 let isolate = isolate_id(p.index);

@@ -114,44 +114,35 @@ pub fn check(resource: &Value, url: &str) -> Result<(), Vec<String>> {
             // elements below a repeating parent: check per parent, not across all of them
             let (parent, last) = steps.split_at(steps.len() - 1);
             for p in values_at(resource, parent) {
-                let n = values_at(p, last).len();
-                let min = e["min"].as_u64().unwrap_or(0) as usize;
-                if n < min {
-                    problems.push(format!(
-                        "{path}: {n} values, the profile requires at least {min}"
-                    ));
-                }
-                if let Some(max) = max_of(e)
-                    && n > max
-                {
-                    problems.push(format!(
-                        "{path}: {n} values, the profile allows at most {max}"
-                    ));
-                }
+                check_count(e, path, values_at(p, last).len(), &mut problems);
             }
             check_values(e, path, &values, t, &mut problems);
             continue;
         }
-        let n = values.len();
-        let min = e["min"].as_u64().unwrap_or(0) as usize;
-        if n < min {
-            problems.push(format!(
-                "{path}: {n} values, the profile requires at least {min}"
-            ));
-        }
-        if let Some(max) = max_of(e)
-            && n > max
-        {
-            problems.push(format!(
-                "{path}: {n} values, the profile allows at most {max}"
-            ));
-        }
+        check_count(e, path, values.len(), &mut problems);
         check_values(e, path, &values, t, &mut problems);
     }
     if problems.is_empty() {
         Ok(())
     } else {
         Err(problems)
+    }
+}
+
+/// The element's cardinality (`min`, `max`) against `n` values.
+fn check_count(e: &Value, path: &str, n: usize, problems: &mut Vec<String>) {
+    let min = e["min"].as_u64().unwrap_or(0) as usize;
+    if n < min {
+        problems.push(format!(
+            "{path}: {n} values, the profile requires at least {min}"
+        ));
+    }
+    if let Some(max) = max_of(e)
+        && n > max
+    {
+        problems.push(format!(
+            "{path}: {n} values, the profile allows at most {max}"
+        ));
     }
 }
 

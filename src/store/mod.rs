@@ -196,8 +196,6 @@ pub trait StoreTx: Send {
     // CRE surveillance state (migrations/*/0002_cre_cases.sql)
     async fn cre_isolate(&mut self, isolate_id: &str) -> StoreResult<Option<IsolateState>>;
     async fn cre_put_isolate(&mut self, s: &IsolateState) -> StoreResult<()>;
-    /// Ids of the isolates that meet the definition for `key`, earliest first.
-    async fn cre_qualifying(&mut self, key: &CaseKey) -> StoreResult<Vec<String>>;
     /// Ids of every isolate recorded for `key`, meeting the definition now or not.
     async fn cre_isolates_of_key(&mut self, key: &CaseKey) -> StoreResult<Vec<String>>;
     async fn cre_active_case(&mut self, key: &CaseKey) -> StoreResult<Option<CaseRow>>;

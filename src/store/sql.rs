@@ -535,20 +535,6 @@ macro_rules! sql_backend {
                     Ok(())
                 }
 
-                async fn cre_qualifying(&mut self, key: &CaseKey) -> StoreResult<Vec<String>> {
-                    self.flush().await?;
-                    let rows = sqlx::query(
-                        "SELECT isolate_id FROM cre_isolates WHERE identity = $1 AND species = $2 AND year = $3 \
-                         AND qualifies ORDER BY ref_time, isolate_id",
-                    )
-                    .bind(&key.identity)
-                    .bind(&key.species)
-                    .bind(key.year)
-                    .fetch_all(&mut *self.tx)
-                    .await?;
-                    rows.iter().map(|r| Ok(r.try_get::<String, _>(0)?)).collect()
-                }
-
                 async fn cre_isolates_of_key(&mut self, key: &CaseKey) -> StoreResult<Vec<String>> {
                     self.flush().await?;
                     let rows = sqlx::query(

@@ -100,6 +100,17 @@ impl<'t> Reader<'t> {
             .await
     }
 
+    /// The results of the DiagnosticReports whose `param` points at `target`.
+    pub async fn report_results(&mut self, param: &str, target: &str) -> StoreResult<Vec<String>> {
+        let mut out = Vec::new();
+        for r in self.referencing("DiagnosticReport", param, target).await? {
+            if let Some(report) = self.read("DiagnosticReport", &r).await? {
+                out.extend(targets(&report["result"], "Observation"));
+            }
+        }
+        Ok(out)
+    }
+
     /// `referencing`, narrowed to resources whose `code` is one of `codes` (when not empty): a
     /// patient's or an encounter's isolates, not all of their observations.
     pub async fn referencing_coded(

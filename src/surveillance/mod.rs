@@ -177,14 +177,7 @@ impl Engine {
                                 .referencing("Observation", "has-member", &reference)
                                 .await?,
                         );
-                        for r in reader
-                            .referencing("DiagnosticReport", "result", &reference)
-                            .await?
-                        {
-                            if let Some(report) = reader.read("DiagnosticReport", &r).await? {
-                                candidates.extend(targets(&report["result"], "Observation"));
-                            }
-                        }
+                        candidates.extend(reader.report_results("result", &reference).await?);
                         if let Some(s) = target(&body["specimen"], "Specimen") {
                             self.observations_of_specimen(
                                 &mut reader,
@@ -319,14 +312,7 @@ impl Engine {
                 .referencing("Observation", "specimen", specimen)
                 .await?,
         );
-        for r in reader
-            .referencing("DiagnosticReport", "specimen", specimen)
-            .await?
-        {
-            if let Some(report) = reader.read("DiagnosticReport", &r).await? {
-                candidates.extend(targets(&report["result"], "Observation"));
-            }
-        }
+        candidates.extend(reader.report_results("specimen", specimen).await?);
         Ok(())
     }
 
@@ -342,14 +328,7 @@ impl Engine {
                 .referencing_coded("Observation", "encounter", encounter, &self.isolate_codes)
                 .await?,
         );
-        for r in reader
-            .referencing("DiagnosticReport", "encounter", encounter)
-            .await?
-        {
-            if let Some(report) = reader.read("DiagnosticReport", &r).await? {
-                candidates.extend(targets(&report["result"], "Observation"));
-            }
-        }
+        candidates.extend(reader.report_results("encounter", encounter).await?);
         Ok(())
     }
 
@@ -383,14 +362,7 @@ impl Engine {
                 self.isolates_of_encounter(reader, &format!("Encounter/{e}"), candidates)
                     .await?;
             }
-            for r in reader
-                .referencing("DiagnosticReport", "performer", org)
-                .await?
-            {
-                if let Some(report) = reader.read("DiagnosticReport", &r).await? {
-                    candidates.extend(targets(&report["result"], "Observation"));
-                }
-            }
+            candidates.extend(reader.report_results("performer", org).await?);
         }
         Ok(())
     }
@@ -690,9 +662,6 @@ impl StoreTx for SurveillanceTx {
     }
     async fn cre_put_isolate(&mut self, s: &IsolateState) -> StoreResult<()> {
         self.inner.cre_put_isolate(s).await
-    }
-    async fn cre_qualifying(&mut self, key: &CaseKey) -> StoreResult<Vec<String>> {
-        self.inner.cre_qualifying(key).await
     }
     async fn cre_isolates_of_key(&mut self, key: &CaseKey) -> StoreResult<Vec<String>> {
         self.inner.cre_isolates_of_key(key).await
