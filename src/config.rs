@@ -55,6 +55,29 @@ pub struct Config {
     /// (a version in terminology/eucast-breakpoints.json; default: the newest).
     #[arg(long, env = "SENTINELLA_EUCAST_VERSION")]
     pub eucast_version: Option<String>,
+    /// Access configuration (TOML): clients, roles, regions, allowed endpoints, token hashes.
+    /// Without it the server runs in single-user development mode.
+    #[arg(long = "config", env = "SENTINELLA_CONFIG")]
+    pub access_file: Option<String>,
+    /// NATS server for the JetStream subscription channel (e.g. nats://127.0.0.1:4222); without
+    /// it, subscriptions on that channel are refused.
+    #[arg(long, env = "SENTINELLA_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Failed deliveries in a row after which a subscription goes to `error`.
+    #[arg(long, env = "SENTINELLA_DELIVERY_MAX_ATTEMPTS", default_value_t = 10)]
+    pub delivery_max_attempts: i64,
+    /// First retry delay in milliseconds (doubles per failure, with jitter).
+    #[arg(long, env = "SENTINELLA_DELIVERY_BACKOFF_MS", default_value_t = 1000)]
+    pub delivery_backoff_ms: u64,
+    /// Longest retry delay in milliseconds.
+    #[arg(long, env = "SENTINELLA_DELIVERY_BACKOFF_MAX_MS", default_value_t = 600_000)]
+    pub delivery_backoff_max_ms: u64,
+    /// How often the delivery worker looks for due work written by other processes (ms).
+    #[arg(long, env = "SENTINELLA_DELIVERY_POLL_MS", default_value_t = 500)]
+    pub delivery_poll_ms: u64,
+    /// How long to wait for an endpoint, unless the subscription sets backport-timeout (ms).
+    #[arg(long, env = "SENTINELLA_DELIVERY_TIMEOUT_MS", default_value_t = 10_000)]
+    pub delivery_timeout_ms: u64,
 }
 
 impl Config {
@@ -67,6 +90,24 @@ impl Config {
             max_body_bytes: 10 * 1024 * 1024,
             base_url: None,
             eucast_version: None,
+            access_file: None,
+            nats_url: None,
+            delivery_max_attempts: 10,
+            delivery_backoff_ms: 1000,
+            delivery_backoff_max_ms: 600_000,
+            delivery_poll_ms: 500,
+            delivery_timeout_ms: 10_000,
+        }
+    }
+
+    pub fn delivery(&self) -> crate::subscriptions::worker::DeliverySettings {
+        use std::time::Duration;
+        crate::subscriptions::worker::DeliverySettings {
+            max_attempts: self.delivery_max_attempts.max(1),
+            backoff_base: Duration::from_millis(self.delivery_backoff_ms),
+            backoff_max: Duration::from_millis(self.delivery_backoff_max_ms),
+            poll: Duration::from_millis(self.delivery_poll_ms.max(10)),
+            timeout: Duration::from_millis(self.delivery_timeout_ms),
         }
     }
 }

@@ -70,6 +70,12 @@ pub enum ApiError {
         status: StatusCode,
         issues: Vec<Issue>,
     },
+    /// No or an unknown bearer token.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Authenticated, but the client's role does not allow this.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -109,6 +115,8 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Invalid { status, .. } => *status,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Gone(_) => StatusCode::GONE,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -126,6 +134,8 @@ impl ApiError {
         let code = match self {
             ApiError::Invalid { issues, .. } => return issues.clone(),
             ApiError::BadRequest(_) => "invalid",
+            ApiError::Unauthorized(_) => "login",
+            ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) | ApiError::Gone(_) => "not-found",
             ApiError::Conflict(_) | ApiError::PreconditionFailed(_) => "conflict",
             ApiError::PayloadTooLarge(_) => "too-costly",
@@ -171,12 +181,20 @@ pub fn operation_outcome(issues: &[Issue]) -> Value {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
+        let challenge = matches!(self, ApiError::Unauthorized(_));
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         } else {
             tracing::info!(status = status.as_u16(), error = %self, "request rejected");
         }
-        crate::api::format::fhir_json(status, &self.outcome()).into_response()
+        let mut response = crate::api::format::fhir_json(status, &self.outcome()).into_response();
+        if challenge {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"sentinella\""),
+            );
+        }
+        response
     }
 }
 

@@ -2,13 +2,16 @@
 //!
 //! The modules read as the pipeline: `api` (HTTP) → `fhir` (parsing, validation, search extraction)
 //! → `store` (versioned storage on SQLite or PostgreSQL) → `surveillance` (the case definitions,
-//! applied inside each write transaction) with `terminology` (the code lists they read).
+//! applied inside each write transaction) with `terminology` (the code lists they read) →
+//! `subscriptions` (outbox events and their delivery). `auth` says who may do what.
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod fhir;
 pub mod italy;
 pub mod server;
 pub mod store;
+pub mod subscriptions;
 pub mod surveillance;
 pub mod terminology;

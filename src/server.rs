@@ -5,6 +5,10 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 use crate::api::{AppState, router};
+use crate::auth::Access;
+use crate::subscriptions::channel::Channels;
+use crate::subscriptions::dispatch::Dispatcher;
+use crate::subscriptions::worker::Worker;
 use crate::config::Config;
 use crate::fhir::Definitions;
 use crate::fhir::schema::SchemaValidators;
@@ -15,7 +19,39 @@ use crate::terminology::Terminology;
 /// Open the database (running migrations), load the rules and build the application router.
 pub async fn build_app(config: Config) -> anyhow::Result<Router> {
     let store = store::connect(&config.database).await?;
-    let engine = Engine::new(config.eucast_version.as_deref()).map_err(anyhow::Error::msg)?;
+    let access = Arc::new(match &config.access_file {
+        Some(path) => {
+            let a = Access::load(path)?;
+            tracing::info!(path, "access configuration loaded: bearer tokens required");
+            a
+        }
+        None => {
+            tracing::warn!(
+                "DEVELOPMENT MODE: no --config access file, so every request acts as a single \
+                 administrator without a token and subscriptions may use any endpoint; \
+                 do not expose this server"
+            );
+            Access::development()
+        }
+    });
+    // check every topic file now rather than at the first event
+    let topics = crate::subscriptions::topics::topics().len();
+    let dispatcher = Arc::new(Dispatcher::new(access.clone(), config.nats_url.is_some()));
+    let engine = Engine::new(config.eucast_version.as_deref(), dispatcher.clone())
+        .map_err(anyhow::Error::msg)?;
+    let base = config
+        .base_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}/fhir", config.listen));
+    let worker = Arc::new(Worker::new(
+        store.clone(),
+        Channels::new(config.nats_url.clone()),
+        config.delivery(),
+        base.trim_end_matches('/').to_string(),
+        dispatcher.waker(),
+    ));
+    tracing::info!(topics, "subscription topics loaded");
+    tokio::spawn(worker.run());
     tracing::info!(
         case_definition = %engine.definition.canonical(),
         eucast = %engine.breakpoints.version,
@@ -38,12 +74,15 @@ pub async fn build_app(config: Config) -> anyhow::Result<Router> {
         store,
         config: Arc::new(config),
         engine: Arc::new(engine),
+        access,
     }))
 }
 
 /// Serve until SIGINT or SIGTERM; in-flight requests finish before the process exits.
-pub async fn serve(config: Config) -> anyhow::Result<()> {
+pub async fn serve(mut config: Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen).await?;
+    // the real port (when 0 was asked) names this server in notifications
+    config.listen = listener.local_addr()?;
     let database = redact(&config.database);
     let app = build_app(config).await?;
     tracing::info!(address = %listener.local_addr()?, %database, "Sentinella FHIR server listening on /fhir");

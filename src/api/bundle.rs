@@ -7,7 +7,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde_json::{Value, json};
 
-use super::AppState;
+use super::{AppState, Caller};
 use super::format::{BaseUrl, FhirBody, Prefer, ReturnPref, fhir_json, negotiate};
 use super::interactions::{self, Written, conditional_match, parse_etag};
 use super::responses::{bundle, entry_response, parse_body};
@@ -306,6 +306,7 @@ async fn execute(tx: &mut dyn StoreTx, e: &mut Entry) -> ApiResult<Done> {
             let stored = tx.current(&e.rt, id).await?.filter(|s| !s.deleted);
             let stored =
                 stored.ok_or_else(|| ApiError::NotFound(format!("{}/{id} is not known", e.rt)))?;
+            tx.admit_read(&stored).await?;
             done(
                 "200 OK",
                 Some(Written {
@@ -346,6 +347,7 @@ fn written_entry(d: &Done, prefer: Prefer, base: &BaseUrl) -> ApiResult<Value> {
 
 pub async fn process(
     State(state): State<AppState>,
+    caller: Caller,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     prefer: Prefer,
@@ -363,8 +365,8 @@ pub async fn process(
         )]));
     }
     match b["type"].as_str() {
-        Some("transaction") => transaction(&state, &b, prefer, &base).await,
-        Some("batch") => batch(&state, &b, prefer, &base).await,
+        Some("transaction") => transaction(&state, &caller, &b, prefer, &base).await,
+        Some("batch") => batch(&state, &caller, &b, prefer, &base).await,
         other => Err(ApiError::unprocessable(vec![Issue::error(
             "not-supported",
             format!(
@@ -378,12 +380,13 @@ pub async fn process(
 
 async fn transaction(
     state: &AppState,
+    caller: &Caller,
     b: &Value,
     prefer: Prefer,
     base: &BaseUrl,
 ) -> ApiResult<Response> {
     let mut entries = validate_bundle(b)?;
-    let mut tx = state.begin().await?;
+    let mut tx = state.begin(caller).await?;
     // 1. ids: POST entries get new ids (or the match of their ifNoneExist), conditional PUTs their match
     let mut ids: HashMap<String, String> = HashMap::new();
     for e in entries.iter_mut() {
@@ -457,7 +460,13 @@ async fn transaction(
     ))
 }
 
-async fn batch(state: &AppState, b: &Value, prefer: Prefer, base: &BaseUrl) -> ApiResult<Response> {
+async fn batch(
+    state: &AppState,
+    caller: &Caller,
+    b: &Value,
+    prefer: Prefer,
+    base: &BaseUrl,
+) -> ApiResult<Response> {
     let empty = vec![];
     let raw = b["entry"].as_array().unwrap_or(&empty);
     let mut out = Vec::with_capacity(raw.len());
@@ -481,7 +490,7 @@ async fn batch(state: &AppState, b: &Value, prefer: Prefer, base: &BaseUrl) -> A
                     ));
                 }
             }
-            let mut tx = state.begin().await?;
+            let mut tx = state.begin(caller).await?;
             let d = execute(tx.as_mut(), &mut e)
                 .await
                 .map_err(|err| at_entry(i, err))?;

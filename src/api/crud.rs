@@ -3,7 +3,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 
-use super::AppState;
+use super::{AppState, Caller};
 use super::format::{BaseUrl, FhirBody, Prefer, negotiate};
 use super::interactions::{self, Written, parse_etag};
 use super::responses::resource_response;
@@ -55,8 +55,10 @@ fn write_response(
     resource_response(status, &written.stored, prefer, base, location, warnings)
 }
 
+#[allow(clippy::too_many_arguments)] // an axum handler: one argument per extractor
 pub async fn create(
     State(state): State<AppState>,
+    caller: Caller,
     Path(rt): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -69,7 +71,7 @@ pub async fn create(
     let resource = read_resource(&rt, &body)?;
     let warnings = local_codes::warnings(&resource);
     let id = uuid::Uuid::new_v4().to_string();
-    let mut tx = state.begin().await?;
+    let mut tx = state.begin(&caller).await?;
     let written = match header(&headers, "if-none-exist") {
         Some(q) => interactions::create_if_none_exist(tx.as_mut(), resource, &id, q).await?,
         None => interactions::create(tx.as_mut(), resource, &id).await?,
@@ -81,6 +83,7 @@ pub async fn create(
 
 pub async fn read(
     State(state): State<AppState>,
+    caller: Caller,
     Path((rt, id)): Path<(String, String)>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -93,6 +96,7 @@ pub async fn read(
         .read(&rt, &id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("{rt}/{id} is not known")))?;
+    caller.check_sees(&stored)?;
     if stored.deleted {
         return Err(ApiError::Gone(format!(
             "{rt}/{id} was deleted (version {})",
@@ -118,6 +122,7 @@ pub async fn read(
 
 pub async fn vread(
     State(state): State<AppState>,
+    caller: Caller,
     Path((rt, id, vid)): Path<(String, String, String)>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -133,6 +138,7 @@ pub async fn vread(
         .read_version(&rt, &id, v)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("{rt}/{id}/_history/{vid} is not known")))?;
+    caller.check_sees(&stored)?;
     if stored.deleted {
         return Err(ApiError::Gone(format!(
             "{rt}/{id} version {v} is a deletion"
@@ -148,8 +154,10 @@ pub async fn vread(
     ))
 }
 
+#[allow(clippy::too_many_arguments)] // an axum handler: one argument per extractor
 pub async fn update(
     State(state): State<AppState>,
+    caller: Caller,
     Path((rt, id)): Path<(String, String)>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -184,7 +192,7 @@ pub async fn update(
         }
     }
     let expected = if_match(&headers)?;
-    let mut tx = state.begin().await?;
+    let mut tx = state.begin(&caller).await?;
     let written = interactions::update(tx.as_mut(), resource, &id, expected).await?;
     tx.commit().await?;
     Ok(write_response(&written, prefer, &base, true, &warnings))
@@ -192,12 +200,13 @@ pub async fn update(
 
 pub async fn delete(
     State(state): State<AppState>,
+    caller: Caller,
     Path((rt, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     super::require_type(&rt)?;
     let expected = if_match(&headers)?;
-    let mut tx = state.begin().await?;
+    let mut tx = state.begin(&caller).await?;
     let deleted = interactions::delete(tx.as_mut(), &rt, &id, expected).await?;
     tx.commit().await?;
     let mut r = Response::new(axum::body::Body::empty());
@@ -211,8 +220,10 @@ pub async fn delete(
 }
 
 /// `PUT /{type}?query`: update the one match, create when there is none, 412 for several.
+#[allow(clippy::too_many_arguments)] // an axum handler: one argument per extractor
 pub async fn conditional_update(
     State(state): State<AppState>,
+    caller: Caller,
     Path(rt): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -224,7 +235,7 @@ pub async fn conditional_update(
     let q = query.unwrap_or_default();
     let mut resource = read_resource(&rt, &body)?;
     let warnings = local_codes::warnings(&resource);
-    let mut tx = state.begin().await?;
+    let mut tx = state.begin(&caller).await?;
     let body_id = resource
         .get("id")
         .and_then(|v| v.as_str())
@@ -254,12 +265,13 @@ pub async fn conditional_update(
 /// `DELETE /{type}?query`: delete the one match (none: nothing to do; several: 412).
 pub async fn conditional_delete(
     State(state): State<AppState>,
+    caller: Caller,
     Path(rt): Path<String>,
     RawQuery(query): RawQuery,
 ) -> ApiResult<Response> {
     super::require_type(&rt)?;
     let q = query.unwrap_or_default();
-    let mut tx = state.begin().await?;
+    let mut tx = state.begin(&caller).await?;
     if let Some(id) = interactions::conditional_match(tx.as_mut(), &rt, &q).await? {
         interactions::delete(tx.as_mut(), &rt, &id, None).await?;
     }

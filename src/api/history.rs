@@ -4,7 +4,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde_json::{Value, json};
 
-use super::AppState;
+use super::{AppState, Caller};
 use super::format::{BaseUrl, fhir_json, negotiate};
 use super::responses::{bundle, bundle_entry_json, entry_response};
 use super::search::SearchRequest;
@@ -105,6 +105,7 @@ async fn history(
 
 pub async fn instance(
     State(state): State<AppState>,
+    caller: Caller,
     Path((rt, id)): Path<(String, String)>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -112,11 +113,22 @@ pub async fn instance(
 ) -> ApiResult<Response> {
     negotiate(&headers, query.as_deref())?;
     super::require_type(&rt)?;
+    // the history of a resource the caller may not see does not exist for it
+    if let Some(current) = state.store.read(&rt, &id).await? {
+        let mut latest = current;
+        if latest.deleted
+            && let Some(v) = state.store.read_version(&rt, &id, latest.version_id - 1).await?
+        {
+            latest = v;
+        }
+        caller.check_sees(&latest)?;
+    }
     history(&state, &base, Some(rt), Some(id), query.as_deref()).await
 }
 
 pub async fn type_level(
     State(state): State<AppState>,
+    caller: Caller,
     Path(rt): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -124,11 +136,19 @@ pub async fn type_level(
 ) -> ApiResult<Response> {
     negotiate(&headers, query.as_deref())?;
     super::require_type(&rt)?;
+    if caller.0.scope(&rt).is_some() {
+        return Err(ApiError::Forbidden(format!(
+            "the history of every {rt} is not available to client '{}': search within your scope",
+            caller.0.id
+        )));
+    }
     history(&state, &base, Some(rt), None, query.as_deref()).await
 }
 
 pub async fn system(
     State(state): State<AppState>,
+    // the middleware allows system history only to clients that may read everything
+    _caller: Caller,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     base: BaseUrl,

@@ -80,9 +80,10 @@ fn refuse_stored_case_notification(current: Option<&StoredResource>) -> ApiResul
     }
 }
 
-pub async fn create(tx: &mut dyn StoreTx, resource: Value, id: &str) -> ApiResult<Written> {
+pub async fn create(tx: &mut dyn StoreTx, mut resource: Value, id: &str) -> ApiResult<Written> {
     let rt = resource_type(&resource)?.to_string();
     refuse_case_notification(&resource)?;
+    tx.admit(&rt, Some(&mut resource), None).await?;
     let v = new_version(resource, &rt, id, 1, "POST");
     tx.write(&v).await.map_err(|e| conflict(e, false))?;
     Ok(Written {
@@ -144,7 +145,7 @@ pub async fn create_if_none_exist(
 /// Update (or create with a client-assigned id). `if_match` is the version the client saw.
 pub async fn update(
     tx: &mut dyn StoreTx,
-    resource: Value,
+    mut resource: Value,
     id: &str,
     if_match: Option<i64>,
 ) -> ApiResult<Written> {
@@ -154,6 +155,7 @@ pub async fn update(
     if rt == "Communication" {
         refuse_stored_case_notification(current.as_ref())?;
     }
+    tx.admit(&rt, Some(&mut resource), current.as_ref()).await?;
     if let Some(expected) = if_match {
         match &current {
             Some(c) if c.version_id == expected && !c.deleted => {}
@@ -203,6 +205,7 @@ pub async fn delete(
     if rt == "Communication" {
         refuse_stored_case_notification(Some(&current))?;
     }
+    tx.admit(rt, None, Some(&current)).await?;
     if let Some(expected) = if_match
         && expected != current.version_id
     {

@@ -7,6 +7,7 @@ pub mod interactions;
 pub mod metadata;
 pub mod responses;
 pub mod search;
+pub mod subscription_ops;
 pub mod xml;
 
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use axum::routing::{get, post};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::auth::{Access, Principal};
 use crate::config::Config;
 use crate::error::{ApiError, ApiResult};
 use crate::store::{SharedStore, StoreTx};
@@ -26,14 +28,114 @@ pub struct AppState {
     pub store: SharedStore,
     pub config: Arc<Config>,
     pub engine: Arc<Engine>,
+    pub access: Arc<Access>,
 }
 
 impl AppState {
-    /// A write transaction; the surveillance rules run on what it wrote before it commits.
-    pub async fn begin(&self) -> ApiResult<Box<dyn StoreTx>> {
+    /// A write transaction for `caller`; the surveillance rules run on what it wrote before it
+    /// commits, and what it may write is checked as it writes.
+    pub async fn begin(&self, caller: &Caller) -> ApiResult<Box<dyn StoreTx>> {
         let inner = self.store.begin().await?;
-        Ok(SurveillanceTx::wrap(inner, self.engine.clone()))
+        Ok(SurveillanceTx::wrap(
+            inner,
+            self.engine.clone(),
+            caller.0.clone(),
+        ))
     }
+}
+
+/// The authenticated client of a request (set by the `authenticate` middleware).
+#[derive(Clone)]
+pub struct Caller(pub Arc<Principal>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, ApiError> {
+        parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .ok_or_else(|| ApiError::Unauthorized("authentication required".into()))
+    }
+}
+
+impl Caller {
+    /// A read of a resource outside the caller's scope is answered as if it did not exist.
+    pub fn check_sees(&self, stored: &crate::store::StoredResource) -> ApiResult<()> {
+        let body = crate::subscriptions::parse_body(stored.body.as_deref());
+        match body {
+            Some(b) if !self.0.sees(&b) => Err(ApiError::NotFound(format!(
+                "{}/{} is not known",
+                stored.resource_type, stored.id
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Authenticate every request but the CapabilityStatement, then apply the role's coarse rules
+/// (which types it may read or write); finer rules (regions, owners) apply where resources are
+/// read and written.
+async fn authenticate(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let path = req.uri().path().to_string();
+    let rest = path.strip_prefix("/fhir").unwrap_or(&path).trim_matches('/');
+    if rest == "metadata" {
+        return next.run(req).await;
+    }
+    let principal = if state.access.is_development() {
+        Arc::new(Principal::development())
+    } else {
+        let token = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+        match token.and_then(|t| state.access.authenticate(t.trim())) {
+            Some(p) => p,
+            None => {
+                return ApiError::Unauthorized(
+                    "a valid bearer token is required (Authorization: Bearer …)".into(),
+                )
+                .into_response();
+            }
+        }
+    };
+    let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    let read = matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD)
+        || segments.get(1) == Some(&"_search");
+    let denied = match segments.first() {
+        None => false, // a Bundle: every entry is checked as it runs
+        Some(&"_history") => !crate::fhir::SERVED_TYPES
+            .iter()
+            .all(|t| principal.may_read(t) && principal.scope(t).is_none()),
+        Some(rt) if crate::fhir::is_served(rt) => {
+            if read {
+                !principal.may_read(rt)
+            } else {
+                !principal.may_write(rt)
+            }
+        }
+        Some(_) => false,
+    };
+    if denied {
+        return ApiError::Forbidden(format!(
+            "client '{}' ({:?}) may not {} {rest}",
+            principal.id,
+            principal.role,
+            if read { "read" } else { "write" }
+        ))
+        .into_response();
+    }
+    req.extensions_mut().insert(Caller(principal));
+    next.run(req).await
 }
 
 /// 404 for a type the server does not serve (FHIR: unknown resource type).
@@ -75,11 +177,18 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/{type}/{id}/_history", get(history::instance))
         .route("/{type}/{id}/_history/{vid}", get(crud::vread))
+        .route("/Subscription/$status", get(subscription_ops::status_type))
+        .route("/Subscription/{id}/$status", get(subscription_ops::status))
+        .route("/Subscription/{id}/$events", get(subscription_ops::events))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found);
     Router::new()
         .nest("/fhir", fhir)
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authenticate,
+        ))
         .layer(axum::middleware::from_fn(xml::respond_in_xml_when_asked))
         .layer(CatchPanicLayer::new())
         .layer(TraceLayer::new_for_http())

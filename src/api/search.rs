@@ -7,7 +7,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use serde_json::{Value, json};
 
-use super::AppState;
+use super::{AppState, Caller};
 use super::format::{BaseUrl, Prefer, fhir_json, negotiate};
 use super::responses::bundle_entry_json;
 use crate::error::{ApiError, ApiResult, Issue};
@@ -365,6 +365,7 @@ fn reference_match(
 /// `GET /{type}` and `POST /{type}/_search`.
 pub async fn search_type(
     State(state): State<AppState>,
+    caller: Caller,
     Path(rt): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -374,11 +375,13 @@ pub async fn search_type(
     negotiate(&headers, query.as_deref())?;
     super::require_type(&rt)?;
     let req = SearchRequest::from_query(query.as_deref().unwrap_or(""));
-    run_search(&state, &rt, req, prefer, &base).await
+    run_search(&state, &caller, &rt, req, prefer, &base).await
 }
 
+#[allow(clippy::too_many_arguments)] // an axum handler: one argument per extractor
 pub async fn search_post(
     State(state): State<AppState>,
+    caller: Caller,
     Path(rt): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -400,11 +403,12 @@ pub async fn search_post(
     let mut req = SearchRequest::from_query(query.as_deref().unwrap_or(""));
     req.pairs
         .extend(SearchRequest::from_query(&String::from_utf8_lossy(&body)).pairs);
-    run_search(&state, &rt, req, prefer, &base).await
+    run_search(&state, &caller, &rt, req, prefer, &base).await
 }
 
 async fn run_search(
     state: &AppState,
+    caller: &Caller,
     rt: &str,
     req: SearchRequest,
     prefer: Prefer,
@@ -413,6 +417,10 @@ async fn run_search(
     let mut parsed = parse_search(rt, &req, prefer.lenient)?;
     if parsed.summary_count {
         parsed.query.count = 0;
+    }
+    // a client limited to some regions (or to its own subscriptions) searches within them only
+    if let Some(scope) = caller.0.scope(rt) {
+        parsed.query.conditions.extend(scope);
     }
     let store = &state.store;
     let page = store.search(&parsed.query).await?;
@@ -435,7 +443,7 @@ async fn run_search(
                 .filter(|k| !seen.contains(k))
                 .collect();
             for r in store.read_many(&wanted).await? {
-                if seen.insert((r.resource_type.clone(), r.id.clone())) {
+                if caller.check_sees(&r).is_ok() && seen.insert((r.resource_type.clone(), r.id.clone())) {
                     entries.push(bundle_entry_json(base, &r, Some("include"))?);
                 }
             }
@@ -446,7 +454,7 @@ async fn run_search(
                 .referencing(&inc.source_type, &inc.param, &targets)
                 .await?
             {
-                if seen.insert((r.resource_type.clone(), r.id.clone())) {
+                if caller.check_sees(&r).is_ok() && seen.insert((r.resource_type.clone(), r.id.clone())) {
                     entries.push(bundle_entry_json(base, &r, Some("include"))?);
                 }
             }

@@ -25,7 +25,9 @@ impl Definitions {
         DEFS.get_or_init(|| {
             let profiles = bundle_resources(PROFILES);
             let valuesets = bundle_resources(VALUESETS);
-            let params = bundle_resources(SEARCH_PARAMETERS);
+            let mut params = bundle_resources(SEARCH_PARAMETERS);
+            // Sentinella's own parameters (region, asl…): topic filters and region scoping use them
+            params.extend(super::profile::resources_of_kind("SearchParameter"));
             Definitions {
                 structures: StructureDefinitions::from_resources(&profiles),
                 valuesets: ValueSets::from_resources(&valuesets),

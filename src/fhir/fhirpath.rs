@@ -1,5 +1,6 @@
 //! The small subset of FHIRPath used by the R4 SearchParameter expressions of the served types:
-//! `A.b.c`, `A.b.where(resolve() is T)`, `A.b.ofType(T)`, `(A.b as T)`, joined by `|`.
+//! `A.b.c`, `A.b.where(resolve() is T)`, `A.b.where(system='U')`, `A.b.ofType(T)`, `(A.b as T)`,
+//! joined by `|` (`where(system=…)` serves Sentinella's own SearchParameters in `profiles/`).
 //! Hand-written because no maintained FHIRPath crate builds with our toolchain (shared/DEPENDENCIES.md);
 //! an expression outside this subset is reported at load time and its parameter is not offered.
 use std::collections::HashSet;
@@ -14,6 +15,8 @@ enum Step {
     Exact(String),
     /// Keep References that point to a resource of this type.
     ResolveIs(String),
+    /// Keep Identifiers or Codings of this system.
+    SystemIs(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -72,6 +75,13 @@ fn parse_part(part: &str) -> Option<PathExpr> {
             .and_then(|s| s.strip_suffix(')'))
         {
             steps.push(Step::ResolveIs(inner.trim().to_string()));
+        } else if let Some(system) = seg
+            .strip_prefix("where(system=")
+            .and_then(|s| s.strip_suffix(')'))
+            .and_then(|s| s.trim().strip_prefix('\''))
+            .and_then(|s| s.strip_suffix('\''))
+        {
+            steps.push(Step::SystemIs(system.to_string()));
         } else if let Some(t) = seg
             .strip_prefix("ofType(")
             .and_then(|s| s.strip_suffix(')'))
@@ -152,6 +162,11 @@ impl PathExpr {
                     }
                     Step::ResolveIs(t) => {
                         if reference_type(node).as_deref() == Some(t.as_str()) {
+                            next.push(node);
+                        }
+                    }
+                    Step::SystemIs(system) => {
+                        if node["system"].as_str() == Some(system.as_str()) {
                             next.push(node);
                         }
                     }
@@ -239,6 +254,21 @@ mod tests {
         assert_eq!(p.evaluate(&r, &suffixes()).len(), 1);
         let r = json!({"subject": {"reference": "http://x/fhir/Group/1/_history/3"}});
         assert!(p.evaluate(&r, &suffixes()).is_empty());
+    }
+
+    #[test]
+    fn where_system_keeps_that_system_only() {
+        let p = parse_for_type(
+            "Communication.recipient.identifier.where(system='urn:r')",
+            "Communication",
+        )
+        .unwrap();
+        let c = serde_json::json!({"resourceType": "Communication", "recipient": [
+            {"identifier": {"system": "urn:a", "value": "1"}},
+            {"identifier": {"system": "urn:r", "value": "030"}}]});
+        let found = p[0].evaluate(&c, &suffixes());
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0]["value"], "030");
     }
 
     #[test]

@@ -12,6 +12,24 @@ use crate::terminology::Terminology;
 
 static FOLDER: Dir<'_> = include_dir!("$CARGO_MANIFEST_DIR/profiles");
 
+/// Every resource of `kind` in `profiles/` (files named `<kind>-*.json`).
+pub fn resources_of_kind(kind: &str) -> Vec<Value> {
+    let prefix = format!("{kind}-");
+    FOLDER
+        .files()
+        .filter(|f| {
+            f.path()
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".json"))
+        })
+        .map(|f| {
+            serde_json::from_slice::<Value>(f.contents())
+                .unwrap_or_else(|e| panic!("{} is not valid JSON: {e}", f.path().display()))
+        })
+        .collect()
+}
+
 /// Our StructureDefinitions by canonical URL.
 pub fn profiles() -> &'static HashMap<String, Value> {
     static P: OnceLock<HashMap<String, Value>> = OnceLock::new();

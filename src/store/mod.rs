@@ -143,6 +143,55 @@ pub struct CaseRow {
     pub active: bool,
 }
 
+/// The delivery state of one Subscription (migrations/*/0003_subscriptions.sql).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubscriptionRow {
+    pub id: String,
+    /// The topic canonical (`Subscription.criteria`).
+    pub topic: String,
+    /// The client that created it (`""` in development mode).
+    pub owner: String,
+    /// requested | active | error | off
+    pub status: String,
+    /// The last event number handed out.
+    pub events_count: i64,
+    /// Every event up to this number reached the endpoint.
+    pub delivered_count: i64,
+    /// Failed attempts in a row.
+    pub attempts: i64,
+    /// µs since the epoch: no delivery attempt before this.
+    pub next_attempt_at: i64,
+    /// µs since the epoch of the last successful send (handshake, heartbeat or event).
+    pub last_sent_at: i64,
+    pub heartbeat_secs: Option<i64>,
+    pub end_at: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+/// What a delivery attempt leaves behind (releases the lease).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryState {
+    pub status: String,
+    pub delivered_count: i64,
+    pub attempts: i64,
+    pub next_attempt_at: i64,
+    pub last_sent_at: i64,
+    pub last_error: Option<String>,
+    /// µs since the epoch; 0 releases the lease, later keeps it while a batch goes out.
+    pub lease_until: i64,
+}
+
+/// One outbox event: the `event_number`-th event of a subscription, about `focus`
+/// (`Communication/<id>/_history/<version>`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRow {
+    pub subscription_id: String,
+    pub event_number: i64,
+    pub focus: String,
+    /// µs since the epoch
+    pub occurred_at: i64,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync {
     fn backend(&self) -> &'static str;
@@ -172,6 +221,18 @@ pub trait Store: Send + Sync {
         param: &str,
         targets: &[String],
     ) -> StoreResult<Vec<StoredResource>>;
+
+    // Subscriptions (read side: $status, $events, and the delivery worker's cheap "anything due?")
+    async fn subscription(&self, id: &str) -> StoreResult<Option<SubscriptionRow>>;
+    async fn subscription_events(
+        &self,
+        id: &str,
+        from: i64,
+        to: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<EventRow>>;
+    /// Is any subscription due for a handshake, an event, a heartbeat or its end at `now`?
+    async fn subscriptions_due(&self, now: i64) -> StoreResult<bool>;
 }
 
 /// A database transaction: everything written through it commits together or not at all.
@@ -190,6 +251,21 @@ pub trait StoreTx: Send {
     /// Write a new version; `version_id - 1` must still be the current one (1 = must not exist).
     async fn write(&mut self, v: &NewVersion) -> StoreResult<()>;
     async fn commit(self: Box<Self>) -> StoreResult<()>;
+    /// May the caller write this (`resource` `None`: delete)? A Subscription is also checked and
+    /// normalised here (owner, starting status). Plain store transactions (the server's own
+    /// writes) admit everything; the API's transactions know the caller.
+    async fn admit(
+        &mut self,
+        _resource_type: &str,
+        _resource: Option<&mut serde_json::Value>,
+        _current: Option<&StoredResource>,
+    ) -> Result<(), crate::error::ApiError> {
+        Ok(())
+    }
+    /// May the caller read this version (a GET inside a Bundle)? `NotFound` when not.
+    async fn admit_read(&mut self, _stored: &StoredResource) -> Result<(), crate::error::ApiError> {
+        Ok(())
+    }
     /// Send buffered writes to the database now (they are sent before any read and at commit anyway).
     async fn flush(&mut self) -> StoreResult<()>;
 
@@ -208,6 +284,40 @@ pub trait StoreTx: Send {
         isolate_id: &str,
         active: bool,
     ) -> StoreResult<()>;
+
+    // Subscriptions and their outbox (migrations/*/0003_subscriptions.sql)
+    /// Create or redefine the delivery state of a Subscription from its resource. A subscription
+    /// (re)set to requested or active is due at once, its failure count cleared.
+    async fn sub_define(&mut self, row: &SubscriptionRow) -> StoreResult<()>;
+    /// Subscriptions to `topic` that collect events (requested, active, error), with their resource.
+    async fn sub_of_topic(&mut self, topic: &str) -> StoreResult<Vec<(SubscriptionRow, String)>>;
+    /// Append an event to a subscription's outbox: its number is the next one of that subscription.
+    async fn sub_append_event(
+        &mut self,
+        subscription_id: &str,
+        focus: &str,
+        at: i64,
+    ) -> StoreResult<i64>;
+    async fn sub_row(&mut self, id: &str) -> StoreResult<Option<SubscriptionRow>>;
+    /// Lease up to `limit` due subscriptions to `owner` until `until` (skipping rows another
+    /// process has locked on PostgreSQL): only the lease holder delivers, so events go out once,
+    /// in order.
+    async fn sub_claim(
+        &mut self,
+        owner: &str,
+        now: i64,
+        until: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<String>>;
+    /// Record a delivery attempt's outcome and release the lease.
+    async fn sub_delivered(&mut self, id: &str, d: &DeliveryState) -> StoreResult<()>;
+    async fn sub_events(
+        &mut self,
+        id: &str,
+        from: i64,
+        to: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<EventRow>>;
 }
 
 pub type SharedStore = Arc<dyn Store>;

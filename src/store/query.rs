@@ -223,6 +223,49 @@ fn match_sql(m: &Match, sql: &mut Sql) -> String {
     }
 }
 
+impl Condition {
+    /// The same test on one resource in memory, from its index entries (subscription topics and
+    /// filters judge a version as it is written). Date comparisons are not needed there and never
+    /// match.
+    pub fn matches(&self, id: &str, entries: &[crate::fhir::search_params::IndexEntry]) -> bool {
+        use crate::fhir::search_params::IndexValue;
+        match self {
+            Condition::Id(ids) => ids.iter().any(|i| i == id),
+            Condition::LastUpdated(_) => false,
+            Condition::Index {
+                param,
+                any_of,
+                negate,
+            } => {
+                let found = entries.iter().filter(|e| &e.param == param).any(|e| {
+                    let IndexValue::Text { system, value } = &e.value else {
+                        return false;
+                    };
+                    any_of.iter().any(|m| match m {
+                        Match::Exact { value: v, system: s } => {
+                            v == value
+                                && match s {
+                                    SystemMatch::Any => true,
+                                    SystemMatch::Absent => system.is_none(),
+                                    SystemMatch::Is(sys) => system.as_deref() == Some(sys),
+                                }
+                        }
+                        Match::System(sys) => system.as_deref() == Some(sys),
+                        Match::AnyTypeId(i) => value.rsplit('/').next() == Some(i),
+                        Match::StartsWith(v) => value.starts_with(v.as_str()),
+                        Match::Contains(v) => value.contains(v.as_str()),
+                        Match::Date(..) => false,
+                    })
+                });
+                found != *negate
+            }
+            Condition::Missing { param, missing } => {
+                entries.iter().any(|e| &e.param == param) != *missing
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

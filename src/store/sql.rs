@@ -11,8 +11,8 @@ use sqlx::{AssertSqlSafe, Row};
 
 use super::query::{Bind, COLUMNS, SearchQuery, Sql};
 use super::{
-    CaseKey, CaseRow, HistoryQuery, IsolateState, NewVersion, SearchPage, SharedStore, Store,
-    StoreError, StoreResult, StoreTx, StoredResource,
+    CaseKey, CaseRow, DeliveryState, EventRow, HistoryQuery, IsolateState, NewVersion, SearchPage,
+    SharedStore, Store, StoreError, StoreResult, StoreTx, StoredResource, SubscriptionRow,
 };
 use crate::fhir::search_params::IndexValue;
 
@@ -113,7 +113,7 @@ fn index_insert_sql(rows: usize) -> String {
 /// `$writer` hands out write transactions (`$begin`) held as `$conn` (which derefs to the driver's
 /// connection) and finished by `$commit`.
 macro_rules! sql_backend {
-    ($module:ident, $db:ty, $name:literal, $lock:expr, $writer:ty, $conn:ty, $begin:path, $commit:path) => {
+    ($module:ident, $db:ty, $name:literal, $lock:expr, $skip_locked:literal, $writer:ty, $conn:ty, $begin:path, $commit:path) => {
         pub mod $module {
             use super::*;
 
@@ -221,6 +221,44 @@ macro_rules! sql_backend {
                     method: row.try_get::<String, _>("method").unwrap_or_else(|_| "PUT".into()),
                 })
             }
+
+            const SUB_COLUMNS: &str = "id, topic, owner, status, events_count, delivered_count, attempts, \
+                next_attempt_at, last_sent_at, heartbeat_secs, end_at, last_error";
+
+            fn subscription_row(r: &DbRow) -> StoreResult<SubscriptionRow> {
+                Ok(SubscriptionRow {
+                    id: r.try_get("id")?,
+                    topic: r.try_get("topic")?,
+                    owner: r.try_get("owner")?,
+                    status: r.try_get("status")?,
+                    events_count: r.try_get("events_count")?,
+                    delivered_count: r.try_get("delivered_count")?,
+                    attempts: r.try_get("attempts")?,
+                    next_attempt_at: r.try_get("next_attempt_at")?,
+                    last_sent_at: r.try_get("last_sent_at")?,
+                    heartbeat_secs: r.try_get("heartbeat_secs")?,
+                    end_at: r.try_get("end_at")?,
+                    last_error: r.try_get("last_error")?,
+                })
+            }
+
+            fn event_row(r: &DbRow) -> StoreResult<EventRow> {
+                Ok(EventRow {
+                    subscription_id: r.try_get("subscription_id")?,
+                    event_number: r.try_get("event_number")?,
+                    focus: r.try_get("focus")?,
+                    occurred_at: r.try_get("occurred_at")?,
+                })
+            }
+
+            const EVENTS_SQL: &str = "SELECT subscription_id, event_number, focus, occurred_at FROM subscription_events \
+                WHERE subscription_id = $1 AND event_number >= $2 AND event_number <= $3 ORDER BY event_number LIMIT $4";
+
+            /// Due: to be handshaken, with undelivered events, a heartbeat or its end reached.
+            const DUE_SQL: &str = "status IN ('requested', 'active') AND next_attempt_at <= $1 AND lease_until < $1 \
+                AND (status = 'requested' OR delivered_count < events_count \
+                     OR (heartbeat_secs IS NOT NULL AND last_sent_at + heartbeat_secs * 1000000 <= $1) \
+                     OR (end_at IS NOT NULL AND end_at <= $1))";
 
             async fn fetch(pool_or_conn: &sqlx::Pool<Db>, sql: Sql) -> StoreResult<Vec<StoredResource>> {
                 let rows = bind_all(sqlx::query(AssertSqlSafe(sql.text)), &sql.binds).fetch_all(pool_or_conn).await?;
@@ -332,6 +370,29 @@ macro_rules! sql_backend {
                     Ok(out)
                 }
 
+                async fn subscription(&self, id: &str) -> StoreResult<Option<SubscriptionRow>> {
+                    let sql = format!("SELECT {SUB_COLUMNS} FROM subscriptions WHERE id = $1");
+                    let row = sqlx::query(AssertSqlSafe(sql)).bind(id).fetch_optional(&self.read).await?;
+                    row.as_ref().map(subscription_row).transpose()
+                }
+
+                async fn subscription_events(&self, id: &str, from: i64, to: i64, limit: i64) -> StoreResult<Vec<EventRow>> {
+                    let rows = sqlx::query(EVENTS_SQL)
+                        .bind(id)
+                        .bind(from)
+                        .bind(to)
+                        .bind(limit)
+                        .fetch_all(&self.read)
+                        .await?;
+                    rows.iter().map(event_row).collect()
+                }
+
+                async fn subscriptions_due(&self, now: i64) -> StoreResult<bool> {
+                    let sql = format!("SELECT id FROM subscriptions WHERE {DUE_SQL} LIMIT 1");
+                    let row = sqlx::query(AssertSqlSafe(sql)).bind(now).fetch_optional(&self.read).await?;
+                    Ok(row.is_some())
+                }
+
                 async fn references_of(&self, resource_type: &str, param: &str, ids: &[String]) -> StoreResult<Vec<String>> {
                     let mut out = Vec::new();
                     for chunk in ids.chunks(200) {
@@ -381,6 +442,118 @@ macro_rules! sql_backend {
 
             #[async_trait]
             impl StoreTx for SqlTx {
+                async fn sub_define(&mut self, row: &SubscriptionRow) -> StoreResult<()> {
+                    self.flush().await?;
+                    sqlx::query(
+                        "INSERT INTO subscriptions (id, topic, owner, status, heartbeat_secs, end_at, attempts, next_attempt_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, 0, 0) ON CONFLICT (id) DO UPDATE SET \
+                         topic = excluded.topic, owner = excluded.owner, status = excluded.status, \
+                         heartbeat_secs = excluded.heartbeat_secs, end_at = excluded.end_at, \
+                         attempts = CASE WHEN excluded.status IN ('requested', 'active') THEN 0 ELSE subscriptions.attempts END, \
+                         next_attempt_at = CASE WHEN excluded.status IN ('requested', 'active') THEN 0 ELSE subscriptions.next_attempt_at END, \
+                         last_error = CASE WHEN excluded.status IN ('requested', 'active') THEN NULL ELSE subscriptions.last_error END",
+                    )
+                    .bind(&row.id)
+                    .bind(&row.topic)
+                    .bind(&row.owner)
+                    .bind(&row.status)
+                    .bind(row.heartbeat_secs)
+                    .bind(row.end_at)
+                    .execute(&mut *self.tx)
+                    .await?;
+                    Ok(())
+                }
+
+                async fn sub_of_topic(&mut self, topic: &str) -> StoreResult<Vec<(SubscriptionRow, String)>> {
+                    self.flush().await?;
+                    let sql = format!(
+                        "SELECT {}, r.body AS body FROM subscriptions s JOIN resources r \
+                         ON r.resource_type = 'Subscription' AND r.id = s.id \
+                         WHERE s.topic = $1 AND s.status IN ('requested', 'active', 'error') AND r.body IS NOT NULL",
+                        SUB_COLUMNS.split(", ").map(|c| format!("s.{c}")).collect::<Vec<_>>().join(", ")
+                    );
+                    let rows = sqlx::query(AssertSqlSafe(sql)).bind(topic).fetch_all(&mut *self.tx).await?;
+                    rows.iter()
+                        .map(|r| Ok((subscription_row(r)?, r.try_get::<String, _>("body")?)))
+                        .collect()
+                }
+
+                async fn sub_append_event(&mut self, subscription_id: &str, focus: &str, at: i64) -> StoreResult<i64> {
+                    self.flush().await?;
+                    let row = sqlx::query(
+                        "UPDATE subscriptions SET events_count = events_count + 1 WHERE id = $1 RETURNING events_count",
+                    )
+                    .bind(subscription_id)
+                    .fetch_one(&mut *self.tx)
+                    .await?;
+                    let number: i64 = row.try_get(0)?;
+                    sqlx::query(
+                        "INSERT INTO subscription_events (subscription_id, event_number, focus, occurred_at) VALUES ($1, $2, $3, $4)",
+                    )
+                    .bind(subscription_id)
+                    .bind(number)
+                    .bind(focus)
+                    .bind(at)
+                    .execute(&mut *self.tx)
+                    .await?;
+                    Ok(number)
+                }
+
+                async fn sub_row(&mut self, id: &str) -> StoreResult<Option<SubscriptionRow>> {
+                    self.flush().await?;
+                    let sql = format!("SELECT {SUB_COLUMNS} FROM subscriptions WHERE id = $1");
+                    let row = sqlx::query(AssertSqlSafe(sql)).bind(id).fetch_optional(&mut *self.tx).await?;
+                    row.as_ref().map(subscription_row).transpose()
+                }
+
+                async fn sub_claim(&mut self, owner: &str, now: i64, until: i64, limit: i64) -> StoreResult<Vec<String>> {
+                    self.flush().await?;
+                    let sql = format!(
+                        "UPDATE subscriptions SET lease_owner = $2, lease_until = $3 WHERE id IN \
+                         (SELECT id FROM subscriptions WHERE {DUE_SQL} ORDER BY next_attempt_at LIMIT $4{}) RETURNING id",
+                        $skip_locked
+                    );
+                    let rows = sqlx::query(AssertSqlSafe(sql))
+                        .bind(now)
+                        .bind(owner)
+                        .bind(until)
+                        .bind(limit)
+                        .fetch_all(&mut *self.tx)
+                        .await?;
+                    rows.iter().map(|r| Ok(r.try_get::<String, _>(0)?)).collect()
+                }
+
+                async fn sub_delivered(&mut self, id: &str, d: &DeliveryState) -> StoreResult<()> {
+                    self.flush().await?;
+                    sqlx::query(
+                        "UPDATE subscriptions SET status = $2, delivered_count = $3, attempts = $4, next_attempt_at = $5, \
+                         last_sent_at = $6, last_error = $7, lease_until = $8 WHERE id = $1",
+                    )
+                    .bind(id)
+                    .bind(&d.status)
+                    .bind(d.delivered_count)
+                    .bind(d.attempts)
+                    .bind(d.next_attempt_at)
+                    .bind(d.last_sent_at)
+                    .bind(&d.last_error)
+                    .bind(d.lease_until)
+                    .execute(&mut *self.tx)
+                    .await?;
+                    Ok(())
+                }
+
+                async fn sub_events(&mut self, id: &str, from: i64, to: i64, limit: i64) -> StoreResult<Vec<EventRow>> {
+                    self.flush().await?;
+                    let rows = sqlx::query(EVENTS_SQL)
+                        .bind(id)
+                        .bind(from)
+                        .bind(to)
+                        .bind(limit)
+                        .fetch_all(&mut *self.tx)
+                        .await?;
+                    rows.iter().map(event_row).collect()
+                }
+
                 async fn current(&mut self, resource_type: &str, id: &str) -> StoreResult<Option<StoredResource>> {
                     self.flush().await?;
                     let row = sqlx::query(
@@ -609,6 +782,7 @@ sql_backend!(
     sqlx::Sqlite,
     "sqlite",
     None,
+    "",
     crate::store::group_commit::GroupWriter,
     crate::store::group_commit::GroupTx,
     crate::store::group_commit::GroupWriter::begin,
@@ -619,6 +793,7 @@ sql_backend!(
     sqlx::Postgres,
     "postgresql",
     Some("SELECT pg_advisory_xact_lock($1)"),
+    " FOR UPDATE SKIP LOCKED",
     sqlx::PgPool,
     sqlx::Transaction<'static, sqlx::Postgres>,
     postgres::begin,

@@ -16,9 +16,11 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use crate::fhir::datetime::{format_instant, now_micros};
+use crate::auth::Principal;
+use crate::subscriptions::dispatch::Dispatcher;
 use crate::store::{
-    CaseKey, CaseRow, IsolateState, NewVersion, SearchQuery, StoreError, StoreResult, StoreTx,
-    StoredResource,
+    CaseKey, CaseRow, DeliveryState, EventRow, IsolateState, NewVersion, SearchQuery, StoreError,
+    StoreResult, StoreTx, StoredResource, SubscriptionRow,
 };
 use crate::terminology::{BreakpointTable, Terminology};
 use definition::CaseDefinition;
@@ -36,6 +38,8 @@ pub struct Engine {
     micros: AtomicU64,
     /// The isolate codes (standard and mapped local ones), to find a patient's isolates directly.
     isolate_codes: Vec<crate::terminology::Code>,
+    /// Case notifications written here become subscription events in the same transaction.
+    pub dispatcher: Arc<Dispatcher>,
 }
 
 impl Drop for Engine {
@@ -55,7 +59,7 @@ impl Drop for Engine {
 
 impl Engine {
     /// Load the CRE definition and pick the EUCAST table (`None`: the newest).
-    pub fn new(eucast_version: Option<&str>) -> Result<Engine, String> {
+    pub fn new(eucast_version: Option<&str>, dispatcher: Arc<Dispatcher>) -> Result<Engine, String> {
         let t = Terminology::get();
         let definition = CaseDefinition::cre()?;
         let isolate_codes = t.value_set_codes(&definition.isolate.codes);
@@ -75,6 +79,7 @@ impl Engine {
             runs: AtomicU64::new(0),
             micros: AtomicU64::new(0),
             isolate_codes,
+            dispatcher,
         })
     }
 
@@ -518,7 +523,20 @@ impl Engine {
             None => (1, "POST"),
         };
         let v = NewVersion::stamped(body, "Communication", &id, version, method);
-        tx.write(&v).await
+        tx.write(&v).await?;
+        let previous = current
+            .filter(|c| !c.deleted)
+            .and_then(|c| crate::subscriptions::parse_body(c.body.as_deref()));
+        self.dispatcher
+            .on_write(
+                tx,
+                "Communication",
+                &id,
+                version,
+                previous.as_ref(),
+                v.resource.as_deref(),
+            )
+            .await
     }
 }
 
@@ -592,14 +610,21 @@ pub struct SurveillanceTx {
     inner: Box<dyn StoreTx>,
     engine: Arc<Engine>,
     touched: Vec<Touched>,
+    /// Who is writing: what they may write, and the owner of the Subscriptions they create.
+    caller: Arc<Principal>,
 }
 
 impl SurveillanceTx {
-    pub fn wrap(inner: Box<dyn StoreTx>, engine: Arc<Engine>) -> Box<dyn StoreTx> {
+    pub fn wrap(
+        inner: Box<dyn StoreTx>,
+        engine: Arc<Engine>,
+        caller: Arc<Principal>,
+    ) -> Box<dyn StoreTx> {
         Box::new(SurveillanceTx {
             inner,
             engine,
             touched: Vec::new(),
+            caller,
         })
     }
 }
@@ -637,6 +662,9 @@ impl StoreTx for SurveillanceTx {
             None
         };
         self.inner.write(v).await?;
+        if v.resource_type == "Subscription" {
+            crate::subscriptions::on_subscription_written(&mut *self.inner, v).await?;
+        }
         if watched(&v.resource_type) {
             self.touched.push(Touched {
                 resource_type: v.resource_type.clone(),
@@ -650,12 +678,65 @@ impl StoreTx for SurveillanceTx {
     }
     async fn commit(mut self: Box<Self>) -> StoreResult<()> {
         let touched = std::mem::take(&mut self.touched);
+        let events_before = self.engine.dispatcher.enqueued();
         if !touched.is_empty() {
             // the request's own writes go out first, so the rules' timer measures the rules alone
             self.inner.flush().await?;
             self.engine.apply(&mut *self.inner, &touched).await?;
         }
-        self.inner.commit().await
+        self.inner.commit().await?;
+        if self.engine.dispatcher.enqueued() != events_before {
+            self.engine.dispatcher.wake();
+        }
+        Ok(())
+    }
+    async fn admit_read(&mut self, stored: &StoredResource) -> Result<(), crate::error::ApiError> {
+        let body = crate::subscriptions::parse_body(stored.body.as_deref());
+        match body {
+            Some(b) if !self.caller.sees(&b) => Err(crate::error::ApiError::NotFound(format!(
+                "{}/{} is not known",
+                stored.resource_type, stored.id
+            ))),
+            _ => Ok(()),
+        }
+    }
+    async fn admit(
+        &mut self,
+        resource_type: &str,
+        resource: Option<&mut Value>,
+        current: Option<&StoredResource>,
+    ) -> Result<(), crate::error::ApiError> {
+        if !self.caller.may_write(resource_type) {
+            return Err(crate::error::ApiError::Forbidden(format!(
+                "client '{}' ({:?}) may not write {resource_type}",
+                self.caller.id, self.caller.role
+            )));
+        }
+        if resource_type == "Subscription" {
+            match resource {
+                Some(r) => crate::subscriptions::spec::admit(
+                    &self.caller,
+                    r,
+                    current,
+                    self.engine.dispatcher.has_broker,
+                )?,
+                None => {
+                    let owner = current
+                        .and_then(|c| crate::subscriptions::parse_body(c.body.as_deref()))
+                        .map(|b| crate::subscriptions::spec::owner_of(&b))
+                        .unwrap_or_default();
+                    if !self.caller.development
+                        && self.caller.role != crate::auth::Role::Admin
+                        && owner != self.caller.id
+                    {
+                        return Err(crate::error::ApiError::NotFound(
+                            "this Subscription is not one of yours".into(),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
     async fn cre_isolate(&mut self, isolate_id: &str) -> StoreResult<Option<IsolateState>> {
         self.inner.cre_isolate(isolate_id).await
@@ -679,5 +760,43 @@ impl StoreTx for SurveillanceTx {
         active: bool,
     ) -> StoreResult<()> {
         self.inner.cre_set_case(case_id, isolate_id, active).await
+    }
+    async fn sub_define(&mut self, row: &SubscriptionRow) -> StoreResult<()> {
+        self.inner.sub_define(row).await
+    }
+    async fn sub_of_topic(&mut self, topic: &str) -> StoreResult<Vec<(SubscriptionRow, String)>> {
+        self.inner.sub_of_topic(topic).await
+    }
+    async fn sub_append_event(
+        &mut self,
+        subscription_id: &str,
+        focus: &str,
+        at: i64,
+    ) -> StoreResult<i64> {
+        self.inner.sub_append_event(subscription_id, focus, at).await
+    }
+    async fn sub_row(&mut self, id: &str) -> StoreResult<Option<SubscriptionRow>> {
+        self.inner.sub_row(id).await
+    }
+    async fn sub_claim(
+        &mut self,
+        owner: &str,
+        now: i64,
+        until: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<String>> {
+        self.inner.sub_claim(owner, now, until, limit).await
+    }
+    async fn sub_delivered(&mut self, id: &str, d: &DeliveryState) -> StoreResult<()> {
+        self.inner.sub_delivered(id, d).await
+    }
+    async fn sub_events(
+        &mut self,
+        id: &str,
+        from: i64,
+        to: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<EventRow>> {
+        self.inner.sub_events(id, from, to, limit).await
     }
 }
