@@ -142,7 +142,11 @@ impl Principal {
 
     /// May notifications go to this endpoint (`nats:<subject>` for the NATS channel)?
     pub fn may_send_to(&self, endpoint: &str) -> bool {
-        self.development || self.endpoints.iter().any(|p| endpoint.starts_with(p.as_str()))
+        self.development
+            || self
+                .endpoints
+                .iter()
+                .any(|p| endpoint.starts_with(p.as_str()))
     }
 }
 
@@ -217,7 +221,10 @@ impl Access {
                 return Err(format!("client '{}' is listed twice", c.id));
             }
             if access.by_hash.insert(hash, p).is_some() {
-                return Err(format!("client '{}' shares a token with another client", c.id));
+                return Err(format!(
+                    "client '{}' shares a token with another client",
+                    c.id
+                ));
             }
         }
         Ok(access)
@@ -261,7 +268,10 @@ endpoints = ["https://sorveglianza.regione.lombardia.it/"]
         let a = Access::parse(FILE).unwrap();
         let p = a.authenticate("test").expect("sha256(test) is listed");
         assert_eq!(p.role, Role::Region);
-        assert!(a.authenticate("9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08").is_none());
+        assert!(
+            a.authenticate("9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08")
+                .is_none()
+        );
         assert!(p.may_send_to("https://sorveglianza.regione.lombardia.it/hook"));
         assert!(!p.may_send_to("https://example.org/hook"));
         assert!(!p.may_read("Observation") && p.may_read("Communication"));

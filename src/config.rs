@@ -70,7 +70,11 @@ pub struct Config {
     #[arg(long, env = "SENTINELLA_DELIVERY_BACKOFF_MS", default_value_t = 1000)]
     pub delivery_backoff_ms: u64,
     /// Longest retry delay in milliseconds.
-    #[arg(long, env = "SENTINELLA_DELIVERY_BACKOFF_MAX_MS", default_value_t = 600_000)]
+    #[arg(
+        long,
+        env = "SENTINELLA_DELIVERY_BACKOFF_MAX_MS",
+        default_value_t = 600_000
+    )]
     pub delivery_backoff_max_ms: u64,
     /// How often the delivery worker looks for due work written by other processes (ms).
     #[arg(long, env = "SENTINELLA_DELIVERY_POLL_MS", default_value_t = 500)]

@@ -6,13 +6,13 @@ use tokio::net::TcpListener;
 
 use crate::api::{AppState, router};
 use crate::auth::Access;
-use crate::subscriptions::channel::Channels;
-use crate::subscriptions::dispatch::Dispatcher;
-use crate::subscriptions::worker::Worker;
 use crate::config::Config;
 use crate::fhir::Definitions;
 use crate::fhir::schema::SchemaValidators;
 use crate::store;
+use crate::subscriptions::channel::Channels;
+use crate::subscriptions::dispatch::Dispatcher;
+use crate::subscriptions::worker::Worker;
 use crate::surveillance::Engine;
 use crate::terminology::Terminology;
 

@@ -7,10 +7,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde_json::{Value, json};
 
-use super::{AppState, Caller};
 use super::format::{BaseUrl, FhirBody, Prefer, ReturnPref, fhir_json, negotiate};
 use super::interactions::{self, Written, conditional_match, parse_etag};
 use super::responses::{bundle, entry_response, parse_body};
+use super::{AppState, Caller};
 use crate::error::{ApiError, ApiResult, Issue, operation_outcome};
 use crate::fhir::resource::{for_each_reference, is_valid_id, parse_json, resource_type, validate};
 use crate::fhir::schema::SchemaValidators;

@@ -3,10 +3,10 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 
-use super::{AppState, Caller};
 use super::format::{BaseUrl, FhirBody, Prefer, negotiate};
 use super::interactions::{self, Written, parse_etag};
 use super::responses::resource_response;
+use super::{AppState, Caller};
 use crate::error::{ApiError, ApiResult, Issue};
 use crate::fhir::resource::{is_valid_id, parse_json, resource_type, validate};
 use crate::surveillance::local_codes;

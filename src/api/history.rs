@@ -4,10 +4,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde_json::{Value, json};
 
-use super::{AppState, Caller};
 use super::format::{BaseUrl, fhir_json, negotiate};
 use super::responses::{bundle, bundle_entry_json, entry_response};
 use super::search::SearchRequest;
+use super::{AppState, Caller};
 use crate::error::{ApiError, ApiResult, Issue};
 use crate::fhir::datetime::parse_range;
 use crate::store::HistoryQuery;
@@ -117,7 +117,10 @@ pub async fn instance(
     if let Some(current) = state.store.read(&rt, &id).await? {
         let mut latest = current;
         if latest.deleted
-            && let Some(v) = state.store.read_version(&rt, &id, latest.version_id - 1).await?
+            && let Some(v) = state
+                .store
+                .read_version(&rt, &id, latest.version_id - 1)
+                .await?
         {
             latest = v;
         }

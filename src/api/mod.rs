@@ -86,7 +86,10 @@ async fn authenticate(
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     let path = req.uri().path().to_string();
-    let rest = path.strip_prefix("/fhir").unwrap_or(&path).trim_matches('/');
+    let rest = path
+        .strip_prefix("/fhir")
+        .unwrap_or(&path)
+        .trim_matches('/');
     if rest == "metadata" {
         return next.run(req).await;
     }
@@ -97,7 +100,10 @@ async fn authenticate(
             .headers()
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            });
         match token.and_then(|t| state.access.authenticate(t.trim())) {
             Some(p) => p,
             None => {
@@ -109,8 +115,10 @@ async fn authenticate(
         }
     };
     let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
-    let read = matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD)
-        || segments.get(1) == Some(&"_search");
+    let read = matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    ) || segments.get(1) == Some(&"_search");
     let denied = match segments.first() {
         None => false, // a Bundle: every entry is checked as it runs
         Some(&"_history") => !crate::fhir::SERVED_TYPES

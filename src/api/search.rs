@@ -7,9 +7,9 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use serde_json::{Value, json};
 
-use super::{AppState, Caller};
 use super::format::{BaseUrl, Prefer, fhir_json, negotiate};
 use super::responses::bundle_entry_json;
+use super::{AppState, Caller};
 use crate::error::{ApiError, ApiResult, Issue};
 use crate::fhir::Definitions;
 use crate::fhir::datetime::{Prefix, parse_range};
@@ -443,7 +443,9 @@ async fn run_search(
                 .filter(|k| !seen.contains(k))
                 .collect();
             for r in store.read_many(&wanted).await? {
-                if caller.check_sees(&r).is_ok() && seen.insert((r.resource_type.clone(), r.id.clone())) {
+                if caller.check_sees(&r).is_ok()
+                    && seen.insert((r.resource_type.clone(), r.id.clone()))
+                {
                     entries.push(bundle_entry_json(base, &r, Some("include"))?);
                 }
             }
@@ -454,7 +456,9 @@ async fn run_search(
                 .referencing(&inc.source_type, &inc.param, &targets)
                 .await?
             {
-                if caller.check_sees(&r).is_ok() && seen.insert((r.resource_type.clone(), r.id.clone())) {
+                if caller.check_sees(&r).is_ok()
+                    && seen.insert((r.resource_type.clone(), r.id.clone()))
+                {
                     entries.push(bundle_entry_json(base, &r, Some("include"))?);
                 }
             }

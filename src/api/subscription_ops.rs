@@ -31,12 +31,9 @@ async fn visible_subscription(
         .filter(|s| !s.deleted)
         .ok_or_else(not_found)?;
     caller.check_sees(&stored)?;
-    let resource = crate::subscriptions::parse_body(stored.body.as_deref()).ok_or_else(not_found)?;
-    let row = state
-        .store
-        .subscription(id)
-        .await?
-        .ok_or_else(not_found)?;
+    let resource =
+        crate::subscriptions::parse_body(stored.body.as_deref()).ok_or_else(not_found)?;
+    let row = state.store.subscription(id).await?.ok_or_else(not_found)?;
     Ok((resource, row))
 }
 
@@ -69,13 +66,7 @@ fn searchset(entries: Vec<Value>) -> Value {
 }
 
 fn status_entry(base: &str, row: &SubscriptionRow) -> Value {
-    let p = status_parameters(
-        base,
-        &status_of(row),
-        "query-status",
-        Content::Empty,
-        &[],
-    );
+    let p = status_parameters(base, &status_of(row), "query-status", Content::Empty, &[]);
     json!({"fullUrl": format!("urn:uuid:{}", p["id"].as_str().unwrap_or_default()),
         "resource": p, "search": {"mode": "match"}})
 }

@@ -242,7 +242,10 @@ impl Condition {
                         return false;
                     };
                     any_of.iter().any(|m| match m {
-                        Match::Exact { value: v, system: s } => {
+                        Match::Exact {
+                            value: v,
+                            system: s,
+                        } => {
                             v == value
                                 && match s {
                                     SystemMatch::Any => true,

@@ -58,10 +58,7 @@ impl Dispatcher {
         previous: Option<&Value>,
         current: Option<&Value>,
     ) -> StoreResult<()> {
-        let watching: Vec<_> = topics()
-            .iter()
-            .filter(|t| t.resource_type == rt)
-            .collect();
+        let watching: Vec<_> = topics().iter().filter(|t| t.resource_type == rt).collect();
         if watching.is_empty() {
             return Ok(());
         }

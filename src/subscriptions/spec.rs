@@ -222,7 +222,9 @@ impl Spec {
             Some(other) => {
                 issues.push(invalid(
                     "code-invalid",
-                    format!("payload content '{other}' is not one of empty, id-only, full-resource"),
+                    format!(
+                        "payload content '{other}' is not one of empty, id-only, full-resource"
+                    ),
                     "channel.payload.extension",
                 ));
                 Content::IdOnly
@@ -237,7 +239,11 @@ impl Spec {
             Some(e) => match parse_range(e) {
                 Some(r) => Some(r.start),
                 None => {
-                    issues.push(invalid("value", format!("end '{e}' is not an instant"), "end"));
+                    issues.push(invalid(
+                        "value",
+                        format!("end '{e}' is not an instant"),
+                        "end",
+                    ));
                     None
                 }
             },
@@ -252,7 +258,10 @@ impl Spec {
                 heartbeat_secs: unsigned("backport-heartbeat-period"),
                 timeout_secs: unsigned("backport-timeout"),
                 end_at,
-                status: resource["status"].as_str().unwrap_or("requested").to_string(),
+                status: resource["status"]
+                    .as_str()
+                    .unwrap_or("requested")
+                    .to_string(),
                 owner: owner_of(resource),
             }),
             _ => Err(issues),

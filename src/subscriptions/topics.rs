@@ -286,7 +286,12 @@ mod tests {
         assert!(cre.fires(Interaction::Create, "c1", None, Some(&done)));
         assert!(cre.fires(Interaction::Update, "c1", Some(&done), Some(&withdrawn)));
         assert!(!cre.fires(Interaction::Update, "c1", Some(&done), Some(&done)));
-        assert!(!cre.fires(Interaction::Update, "c1", Some(&withdrawn), Some(&withdrawn)));
+        assert!(!cre.fires(
+            Interaction::Update,
+            "c1",
+            Some(&withdrawn),
+            Some(&withdrawn)
+        ));
         let other = case("completed", "classe-2");
         assert!(!cre.fires(Interaction::Create, "c1", None, Some(&other)));
     }

@@ -183,7 +183,13 @@ impl Worker {
             error: None,
         };
         if row.status == "requested" {
-            let body = notification(&self.base, &info("requested"), "handshake", spec.content, &[]);
+            let body = notification(
+                &self.base,
+                &info("requested"),
+                "handshake",
+                spec.content,
+                &[],
+            );
             return match self.send(&spec, &body, timeout).await {
                 Ok(()) => {
                     tracing::info!(subscription = %id, "handshake acknowledged: active");
@@ -268,7 +274,6 @@ impl Worker {
         let bytes = serde_json::to_vec(body).unwrap_or_default();
         self.channels.send(&spec.channel, bytes, timeout).await
     }
-
 
     /// Record acknowledged sends; `keep` keeps the lease (more to send in this round).
     async fn progress(
@@ -362,13 +367,8 @@ impl Worker {
                     }
                 }
             }
-            let v = NewVersion::stamped(
-                body,
-                "Subscription",
-                &row.id,
-                current.version_id + 1,
-                "PUT",
-            );
+            let v =
+                NewVersion::stamped(body, "Subscription", &row.id, current.version_id + 1, "PUT");
             tx.write(&v).await?;
         }
         let now = now_micros();
@@ -379,7 +379,11 @@ impl Worker {
                 delivered_count: row.delivered_count,
                 attempts,
                 next_attempt_at: 0,
-                last_sent_at: if status == "active" { now } else { row.last_sent_at },
+                last_sent_at: if status == "active" {
+                    now
+                } else {
+                    row.last_sent_at
+                },
                 last_error: error.map(String::from),
                 lease_until: 0,
             },
@@ -397,44 +401,44 @@ pub async fn event_content(
     content: Content,
     event: EventRow,
 ) -> StoreResult<EventContent> {
-        if content != Content::FullResource {
-            return Ok(EventContent {
-                event,
-                focus: None,
-                included: vec![],
-            });
-        }
-        let (reference, version) = event
-            .focus
-            .split_once("/_history/")
-            .unwrap_or((event.focus.as_str(), ""));
-        let (rt, id) = reference.split_once('/').unwrap_or((reference, ""));
-        let focus: Option<Value> = match version.parse::<i64>() {
-            Ok(v) => store.read_version(rt, id, v).await?,
-            Err(_) => store.read(rt, id).await?,
-        }
-        .and_then(|s| s.body)
-        .and_then(|b| serde_json::from_str(&b).ok());
-        let mut included = Vec::new();
-        if let Some(f) = &focus {
-            for include in &spec.topic.includes {
-                // `Communication:subject`: the resource the element refers to
-                let Some((_, element)) = include.split_once(':') else {
-                    continue;
-                };
-                let target = f[element]["reference"].as_str().unwrap_or_default();
-                if let Some((trt, tid)) = target.split_once('/')
-                    && let Some(s) = store.read(trt, tid).await?
-                    && let Some(b) = s.body
-                    && let Ok(v) = serde_json::from_str::<Value>(&b)
-                {
-                    included.push(v);
-                }
+    if content != Content::FullResource {
+        return Ok(EventContent {
+            event,
+            focus: None,
+            included: vec![],
+        });
+    }
+    let (reference, version) = event
+        .focus
+        .split_once("/_history/")
+        .unwrap_or((event.focus.as_str(), ""));
+    let (rt, id) = reference.split_once('/').unwrap_or((reference, ""));
+    let focus: Option<Value> = match version.parse::<i64>() {
+        Ok(v) => store.read_version(rt, id, v).await?,
+        Err(_) => store.read(rt, id).await?,
+    }
+    .and_then(|s| s.body)
+    .and_then(|b| serde_json::from_str(&b).ok());
+    let mut included = Vec::new();
+    if let Some(f) = &focus {
+        for include in &spec.topic.includes {
+            // `Communication:subject`: the resource the element refers to
+            let Some((_, element)) = include.split_once(':') else {
+                continue;
+            };
+            let target = f[element]["reference"].as_str().unwrap_or_default();
+            if let Some((trt, tid)) = target.split_once('/')
+                && let Some(s) = store.read(trt, tid).await?
+                && let Some(b) = s.body
+                && let Ok(v) = serde_json::from_str::<Value>(&b)
+            {
+                included.push(v);
             }
         }
-        Ok(EventContent {
-            event,
-            focus,
-            included,
-        })
     }
+    Ok(EventContent {
+        event,
+        focus,
+        included,
+    })
+}

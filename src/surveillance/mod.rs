@@ -15,13 +15,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_trait::async_trait;
 use serde_json::Value;
 
-use crate::fhir::datetime::{format_instant, now_micros};
 use crate::auth::Principal;
-use crate::subscriptions::dispatch::Dispatcher;
+use crate::fhir::datetime::{format_instant, now_micros};
 use crate::store::{
     CaseKey, CaseRow, DeliveryState, EventRow, IsolateState, NewVersion, SearchQuery, StoreError,
     StoreResult, StoreTx, StoredResource, SubscriptionRow,
 };
+use crate::subscriptions::dispatch::Dispatcher;
 use crate::terminology::{BreakpointTable, Terminology};
 use definition::CaseDefinition;
 use evaluate::{Evaluation, Evaluator, Finding, is_isolate_code, is_relevant_observation};
@@ -59,7 +59,10 @@ impl Drop for Engine {
 
 impl Engine {
     /// Load the CRE definition and pick the EUCAST table (`None`: the newest).
-    pub fn new(eucast_version: Option<&str>, dispatcher: Arc<Dispatcher>) -> Result<Engine, String> {
+    pub fn new(
+        eucast_version: Option<&str>,
+        dispatcher: Arc<Dispatcher>,
+    ) -> Result<Engine, String> {
         let t = Terminology::get();
         let definition = CaseDefinition::cre()?;
         let isolate_codes = t.value_set_codes(&definition.isolate.codes);
@@ -773,7 +776,9 @@ impl StoreTx for SurveillanceTx {
         focus: &str,
         at: i64,
     ) -> StoreResult<i64> {
-        self.inner.sub_append_event(subscription_id, focus, at).await
+        self.inner
+            .sub_append_event(subscription_id, focus, at)
+            .await
     }
     async fn sub_row(&mut self, id: &str) -> StoreResult<Option<SubscriptionRow>> {
         self.inner.sub_row(id).await
