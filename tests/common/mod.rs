@@ -1,6 +1,8 @@
 //! Test harness: the real router in process, on a fresh SQLite file or a fresh PostgreSQL database.
 #![allow(dead_code)]
 
+pub mod subscriber;
+
 use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
