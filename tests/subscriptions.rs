@@ -78,6 +78,19 @@ macro_rules! on_both {
 }
 
 on_both! {
+    async fn the_capability_statement_lists_the_topics_and_operations(app) {
+        let cs = app.get("/fhir/metadata").await;
+        let sub = cs.body["rest"][0]["resource"].as_array().unwrap().iter().find(|r| r["type"] == "Subscription").unwrap().clone();
+        let topics: Vec<&str> = sub["extension"].as_array().unwrap().iter().filter_map(|e| e["valueCanonical"].as_str()).collect();
+        for t in ["cre-case", "notifiable-case", "outbreak"] {
+            assert!(topics.contains(&format!("{CANON}/SubscriptionTopic/{t}").as_str()), "{topics:?}");
+        }
+        let ops: Vec<&str> = sub["operation"].as_array().unwrap().iter().filter_map(|o| o["name"].as_str()).collect();
+        assert_eq!(ops, vec!["status", "events"]);
+        let comm = cs.body["rest"][0]["resource"].as_array().unwrap().iter().find(|r| r["type"] == "Communication").unwrap().clone();
+        assert!(comm["searchParam"].as_array().unwrap().iter().any(|p| p["name"] == "region"));
+    }
+
     async fn handshake_activates_and_a_cre_case_arrives_with_its_patient(app) {
         let hook = Hook::start().await;
         let id = subscribe(&app, &subscription(&hook.url, "cre-case", "full-resource", &[], None), &[]).await;

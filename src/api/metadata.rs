@@ -7,8 +7,9 @@ use serde_json::{Value, json};
 use super::format::{BaseUrl, fhir_json, negotiate};
 use crate::error::ApiResult;
 use crate::fhir::{Definitions, SERVED_TYPES};
+use crate::subscriptions::spec::BACKPORT;
 
-pub fn capability_statement(base: &str) -> Value {
+pub fn capability_statement(base: &str, development: bool) -> Value {
     let defs = Definitions::get();
     let resources: Vec<Value> = SERVED_TYPES
         .iter()
@@ -64,6 +65,18 @@ pub fn capability_statement(base: &str) -> Value {
             if !supported.is_empty() {
                 entry["supportedProfile"] = json!(supported);
             }
+            if *rt == "Subscription" {
+                // the topics (profiles/SubscriptionTopic-*.json) and operations of the Backport IG
+                entry["extension"] = json!(crate::subscriptions::topics::topics()
+                    .iter()
+                    .map(|t| json!({"url": format!("{BACKPORT}/capabilitystatement-subscriptiontopic-canonical"),
+                        "valueCanonical": t.url}))
+                    .collect::<Vec<_>>());
+                entry["operation"] = json!([
+                    {"name": "status", "definition": "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-status"},
+                    {"name": "events", "definition": "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-events"},
+                ]);
+            }
             entry
         })
         .collect();
@@ -75,22 +88,34 @@ pub fn capability_statement(base: &str) -> Value {
         "kind": "instance",
         "software": {"name": "Sentinella", "version": env!("CARGO_PKG_VERSION")},
         "implementation": {"description": "Sentinella FHIR R4 server", "url": base},
-        "description": "Every write is checked against the CRE case definition (profiles/case-definition-cre.json) inside its own transaction; CRE cases are Communication resources with profile notifica-caso.",
+        "description": "Every write is checked against the CRE case definition (profiles/case-definition-cre.json) inside its own transaction; CRE cases are Communication resources with profile notifica-caso. Subscribers receive them per the Subscriptions Backport IG 1.1.0 (rest-hook, or NATS JetStream by the backport-channel-type extension) from a durable outbox.",
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json", "application/fhir+xml", "xml"],
         "rest": [{
             "mode": "server",
             "resource": resources,
             "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
+            "security": {
+                "cors": false,
+                "description": if development {
+                    "Development mode: no access configuration, every request acts as a single administrator."
+                } else {
+                    "Bearer tokens (Authorization: Bearer …) of the clients in the server's access configuration; each client has a role (laboratory, ehr, region, ministry, admin) and region clients see and receive only the cases addressed to their regions."
+                },
+            },
         }],
     })
 }
 
 pub async fn metadata(
+    axum::extract::State(state): axum::extract::State<super::AppState>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     base: BaseUrl,
 ) -> ApiResult<Response> {
     negotiate(&headers, query.as_deref())?;
-    Ok(fhir_json(StatusCode::OK, &capability_statement(&base.0)))
+    Ok(fhir_json(
+        StatusCode::OK,
+        &capability_statement(&base.0, state.access.is_development()),
+    ))
 }
