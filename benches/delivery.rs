@@ -75,6 +75,11 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .init();
+    }
     let rate: f64 = env("SENTINELLA_BENCH_RATE", 100.0);
     let seconds: f64 = env("SENTINELLA_BENCH_SECONDS", 10.0);
     let subscribers: usize = env("SENTINELLA_BENCH_SUBSCRIBERS", 1);

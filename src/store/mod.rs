@@ -311,6 +311,17 @@ pub trait StoreTx: Send {
     ) -> StoreResult<Vec<String>>;
     /// Record a delivery attempt's outcome and release the lease.
     async fn sub_delivered(&mut self, id: &str, d: &DeliveryState) -> StoreResult<()>;
+    /// Record acknowledged sends of a subscription this worker leases, leaving its status alone
+    /// (a client may have changed it meanwhile): the delivered count and the last send only grow,
+    /// the failures are forgotten when either grew, and the lease runs until `lease_until` (0
+    /// gives it back).
+    async fn sub_progress(
+        &mut self,
+        id: &str,
+        delivered: i64,
+        last_sent_at: i64,
+        lease_until: i64,
+    ) -> StoreResult<()>;
     async fn sub_events(
         &mut self,
         id: &str,

@@ -542,6 +542,28 @@ macro_rules! sql_backend {
                     Ok(())
                 }
 
+                async fn sub_progress(&mut self, id: &str, delivered: i64, last_sent_at: i64, lease_until: i64) -> StoreResult<()> {
+                    self.flush().await?;
+                    sqlx::query(
+                        // every right-hand side sees the old row: failures are forgotten only when
+                        // something new was acknowledged
+                        "UPDATE subscriptions SET \
+                         attempts = CASE WHEN delivered_count < $2 OR last_sent_at < $3 THEN 0 ELSE attempts END, \
+                         next_attempt_at = CASE WHEN delivered_count < $2 OR last_sent_at < $3 THEN 0 ELSE next_attempt_at END, \
+                         last_error = CASE WHEN delivered_count < $2 OR last_sent_at < $3 THEN NULL ELSE last_error END, \
+                         delivered_count = CASE WHEN delivered_count < $2 THEN $2 ELSE delivered_count END, \
+                         last_sent_at = CASE WHEN last_sent_at < $3 THEN $3 ELSE last_sent_at END, \
+                         lease_until = $4 WHERE id = $1",
+                    )
+                    .bind(id)
+                    .bind(delivered)
+                    .bind(last_sent_at)
+                    .bind(lease_until)
+                    .execute(&mut *self.tx)
+                    .await?;
+                    Ok(())
+                }
+
                 async fn sub_events(&mut self, id: &str, from: i64, to: i64, limit: i64) -> StoreResult<Vec<EventRow>> {
                     self.flush().await?;
                     let rows = sqlx::query(EVENTS_SQL)

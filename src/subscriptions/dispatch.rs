@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::Value;
-use tokio::sync::Notify;
+use tokio::sync::watch;
 
 use super::spec::Spec;
 use super::topics::{Interaction, topics};
@@ -20,7 +20,8 @@ pub struct Dispatcher {
     /// Events written so far (by transactions that may still roll back): a change tells the
     /// committing transaction to wake the delivery worker.
     enqueued: AtomicU64,
-    wake: Arc<Notify>,
+    /// Counts commits that enqueued events; delivery loops watch it.
+    wake: watch::Sender<u64>,
     /// A NATS server is configured: the JetStream channel can be offered.
     pub has_broker: bool,
 }
@@ -30,18 +31,18 @@ impl Dispatcher {
         Dispatcher {
             access,
             enqueued: AtomicU64::new(0),
-            wake: Arc::new(Notify::new()),
+            wake: watch::Sender::new(0),
             has_broker,
         }
     }
 
     /// Tell the delivery worker that events were committed.
     pub fn wake(&self) {
-        self.wake.notify_one();
+        self.wake.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    pub fn waker(&self) -> Arc<Notify> {
-        self.wake.clone()
+    pub fn waker(&self) -> watch::Receiver<u64> {
+        self.wake.subscribe()
     }
 
     pub fn enqueued(&self) -> u64 {

@@ -615,6 +615,8 @@ pub struct SurveillanceTx {
     touched: Vec<Touched>,
     /// Who is writing: what they may write, and the owner of the Subscriptions they create.
     caller: Arc<Principal>,
+    /// A Subscription was written: its handshake (or end) is due once this commits.
+    subscription_written: bool,
 }
 
 impl SurveillanceTx {
@@ -628,6 +630,7 @@ impl SurveillanceTx {
             engine,
             touched: Vec::new(),
             caller,
+            subscription_written: false,
         })
     }
 }
@@ -667,6 +670,7 @@ impl StoreTx for SurveillanceTx {
         self.inner.write(v).await?;
         if v.resource_type == "Subscription" {
             crate::subscriptions::on_subscription_written(&mut *self.inner, v).await?;
+            self.subscription_written = true;
         }
         if watched(&v.resource_type) {
             self.touched.push(Touched {
@@ -688,7 +692,7 @@ impl StoreTx for SurveillanceTx {
             self.engine.apply(&mut *self.inner, &touched).await?;
         }
         self.inner.commit().await?;
-        if self.engine.dispatcher.enqueued() != events_before {
+        if self.subscription_written || self.engine.dispatcher.enqueued() != events_before {
             self.engine.dispatcher.wake();
         }
         Ok(())
@@ -794,6 +798,17 @@ impl StoreTx for SurveillanceTx {
     }
     async fn sub_delivered(&mut self, id: &str, d: &DeliveryState) -> StoreResult<()> {
         self.inner.sub_delivered(id, d).await
+    }
+    async fn sub_progress(
+        &mut self,
+        id: &str,
+        delivered: i64,
+        last_sent_at: i64,
+        lease_until: i64,
+    ) -> StoreResult<()> {
+        self.inner
+            .sub_progress(id, delivered, last_sent_at, lease_until)
+            .await
     }
     async fn sub_events(
         &mut self,
