@@ -184,8 +184,15 @@ async fn main() -> anyhow::Result<()> {
                 .send()
                 .await;
             let at = Instant::now();
-            if matches!(&r, Ok(r) if r.status().is_success()) {
-                acked.lock().await.insert(cf(n), at);
+            match r {
+                Ok(r) if r.status().is_success() => {
+                    acked.lock().await.insert(cf(n), at);
+                }
+                Ok(r) => {
+                    let status = r.status();
+                    eprintln!("{status}: {}", r.text().await.unwrap_or_default());
+                }
+                Err(e) => eprintln!("request failed: {e}"),
             }
         }));
     }

@@ -44,7 +44,7 @@ pub async fn build_app(config: Config) -> anyhow::Result<Router> {
         .clone()
         .unwrap_or_else(|| format!("http://{}/fhir", config.listen));
     let worker = Arc::new(Worker::new(
-        store.clone(),
+        store::connect_for_delivery(&config.database, &store).await?,
         Channels::new(config.nats_url.clone()),
         config.delivery(),
         base.trim_end_matches('/').to_string(),

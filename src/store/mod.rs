@@ -9,7 +9,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 pub use query::{Condition, Match, SearchQuery, Sort, SystemMatch};
-pub use sql::connect;
+pub use sql::{connect, connect_for_delivery};
 
 use crate::fhir::search_params::IndexEntry;
 
@@ -291,13 +291,14 @@ pub trait StoreTx: Send {
     async fn sub_define(&mut self, row: &SubscriptionRow) -> StoreResult<()>;
     /// Subscriptions to `topic` that collect events (requested, active, error), with their resource.
     async fn sub_of_topic(&mut self, topic: &str) -> StoreResult<Vec<(SubscriptionRow, String)>>;
-    /// Append an event to a subscription's outbox: its number is the next one of that subscription.
+    /// Append an event to a subscription's outbox when the transaction commits: its number is the
+    /// next one of that subscription.
     async fn sub_append_event(
         &mut self,
         subscription_id: &str,
         focus: &str,
         at: i64,
-    ) -> StoreResult<i64>;
+    ) -> StoreResult<()>;
     async fn sub_row(&mut self, id: &str) -> StoreResult<Option<SubscriptionRow>>;
     /// Lease up to `limit` due subscriptions to `owner` until `until` (skipping rows another
     /// process has locked on PostgreSQL): only the lease holder delivers, so events go out once,

@@ -27,6 +27,17 @@ pub async fn connect(url: &str) -> StoreResult<SharedStore> {
     }
 }
 
+/// The store the delivery worker uses. On PostgreSQL it has its own few connections: when ingest
+/// is saturated, requests hold every connection of the main pool and the worker's reads queued
+/// behind them for seconds (benches/delivery). SQLite shares the one store (one writer anyway).
+pub async fn connect_for_delivery(url: &str, shared: &SharedStore) -> StoreResult<SharedStore> {
+    if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        postgres::open_pool(url, 4, false).await
+    } else {
+        Ok(shared.clone())
+    }
+}
+
 /// Row counts of the multi-row INSERTs into search_index. Only these few statement shapes exist, so
 /// the drivers' prepared-statement caches hit (a statement per distinct row count was re-prepared
 /// on most writes).
@@ -131,6 +142,11 @@ macro_rules! sql_backend {
                 /// New resources (version 1) not yet sent to the database: a Bundle's creates go
                 /// out as a few multi-row INSERTs, flushed before anything reads.
                 pending: Vec<NewVersion>,
+                /// Outbox events (subscription id, focus, time), numbered and written at commit:
+                /// numbering locks the subscription's row, and taking that lock last (in id order,
+                /// so that two transactions cannot deadlock) keeps writers that fire the same
+                /// subscription from queueing behind each other's whole transaction.
+                events: Vec<(String, String, i64)>,
             }
 
             impl SqlTx {
@@ -272,7 +288,7 @@ macro_rules! sql_backend {
                 }
 
                 async fn begin(&self) -> StoreResult<Box<dyn StoreTx>> {
-                    Ok(Box::new(SqlTx { tx: $begin(&self.writer).await?, pending: Vec::new() }))
+                    Ok(Box::new(SqlTx { tx: $begin(&self.writer).await?, pending: Vec::new(), events: Vec::new() }))
                 }
 
                 async fn read(&self, resource_type: &str, id: &str) -> StoreResult<Option<StoredResource>> {
@@ -478,25 +494,9 @@ macro_rules! sql_backend {
                         .collect()
                 }
 
-                async fn sub_append_event(&mut self, subscription_id: &str, focus: &str, at: i64) -> StoreResult<i64> {
-                    self.flush().await?;
-                    let row = sqlx::query(
-                        "UPDATE subscriptions SET events_count = events_count + 1 WHERE id = $1 RETURNING events_count",
-                    )
-                    .bind(subscription_id)
-                    .fetch_one(&mut *self.tx)
-                    .await?;
-                    let number: i64 = row.try_get(0)?;
-                    sqlx::query(
-                        "INSERT INTO subscription_events (subscription_id, event_number, focus, occurred_at) VALUES ($1, $2, $3, $4)",
-                    )
-                    .bind(subscription_id)
-                    .bind(number)
-                    .bind(focus)
-                    .bind(at)
-                    .execute(&mut *self.tx)
-                    .await?;
-                    Ok(number)
+                async fn sub_append_event(&mut self, subscription_id: &str, focus: &str, at: i64) -> StoreResult<()> {
+                    self.events.push((subscription_id.to_string(), focus.to_string(), at));
+                    Ok(())
                 }
 
                 async fn sub_row(&mut self, id: &str) -> StoreResult<Option<SubscriptionRow>> {
@@ -685,6 +685,32 @@ macro_rules! sql_backend {
 
                 async fn commit(mut self: Box<Self>) -> StoreResult<()> {
                     self.flush().await?;
+                    let mut events = std::mem::take(&mut self.events);
+                    // stable: one subscription's events keep the order they were caused in
+                    events.sort_by(|a, b| a.0.cmp(&b.0));
+                    for group in events.chunk_by(|a, b| a.0 == b.0) {
+                        let id = &group[0].0;
+                        let row = sqlx::query(
+                            "UPDATE subscriptions SET events_count = events_count + $2 WHERE id = $1 RETURNING events_count",
+                        )
+                        .bind(id)
+                        .bind(group.len() as i64)
+                        .fetch_one(&mut *self.tx)
+                        .await?;
+                        let last: i64 = row.try_get(0)?;
+                        let first = last - group.len() as i64 + 1;
+                        for (n, (_, focus, at)) in group.iter().enumerate() {
+                            sqlx::query(
+                                "INSERT INTO subscription_events (subscription_id, event_number, focus, occurred_at) VALUES ($1, $2, $3, $4)",
+                            )
+                            .bind(id)
+                            .bind(first + n as i64)
+                            .bind(focus)
+                            .bind(at)
+                            .execute(&mut *self.tx)
+                            .await?;
+                        }
+                    }
                     $commit(self.tx).await
                 }
 
@@ -864,12 +890,18 @@ mod postgres {
     use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
     pub async fn open(url: &str) -> StoreResult<SharedStore> {
+        open_pool(url, 16, true).await
+    }
+
+    pub async fn open_pool(url: &str, connections: u32, migrate: bool) -> StoreResult<SharedStore> {
         let opts = PgConnectOptions::from_str(url)?;
         let pool = PgPoolOptions::new()
-            .max_connections(16)
+            .max_connections(connections)
             .connect_with(opts)
             .await?;
-        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        if migrate {
+            sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        }
         Ok(Arc::new(postgres_impl::SqlStore {
             writer: pool.clone(),
             read: pool,

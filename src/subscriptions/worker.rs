@@ -161,13 +161,19 @@ impl Worker {
             let Ok(permit) = self.slots.clone().try_acquire_owned() else {
                 break; // cannot happen: no more than `free` were leased
             };
-            if !self
+            let fresh = self
                 .serving
                 .lock()
                 .expect("not poisoned")
-                .insert(id.clone())
-            {
-                continue; // already being served here (a lease that lapsed while sending)
+                .insert(id.clone());
+            if !fresh {
+                // Its task here is finishing: it gave the lease back a moment ago and has not
+                // yet left `serving`. Give this lease back too, or the subscription would wait
+                // for it to lapse; the task's end wakes the next round, which claims it again.
+                let mut tx = self.store.begin().await?;
+                tx.sub_progress(&id, 0, 0, 0).await?;
+                tx.commit().await?;
+                continue;
             }
             let worker = self.clone();
             tokio::spawn(async move {

@@ -779,7 +779,7 @@ impl StoreTx for SurveillanceTx {
         subscription_id: &str,
         focus: &str,
         at: i64,
-    ) -> StoreResult<i64> {
+    ) -> StoreResult<()> {
         self.inner
             .sub_append_event(subscription_id, focus, at)
             .await
