@@ -346,7 +346,14 @@ impl Worker {
             if started.elapsed() >= MAX_SERVE {
                 break Stop::Release;
             }
-            match self.store.subscription(&row.id).await? {
+            let t = Instant::now();
+            let refreshed = self.store.subscription(&row.id).await?;
+            tracing::trace!(
+                ms = t.elapsed().as_secs_f64() * 1e3,
+                events = refreshed.as_ref().map(|r| r.events_count),
+                "refreshed"
+            );
+            match refreshed {
                 Some(r) if r.status == "active" => row = r,
                 _ => break Stop::Finished, // a client changed it: the next round sees to it
             }
