@@ -315,7 +315,7 @@ pub trait StoreTx: Send {
     /// Record acknowledged sends of a subscription this worker leases, leaving its status alone
     /// (a client may have changed it meanwhile): the delivered count and the last send only grow,
     /// the failures are forgotten when either grew, and the lease runs until `lease_until` (0
-    /// gives it back).
+    /// gives it back; a lease already given back is not taken again).
     async fn sub_progress(
         &mut self,
         id: &str,

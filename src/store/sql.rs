@@ -546,14 +546,15 @@ macro_rules! sql_backend {
                     self.flush().await?;
                     sqlx::query(
                         // every right-hand side sees the old row: failures are forgotten only when
-                        // something new was acknowledged
+                        // something new was acknowledged; a late background renewal never takes back
+                        // a lease that was already given back
                         "UPDATE subscriptions SET \
                          attempts = CASE WHEN delivered_count < $2 OR last_sent_at < $3 THEN 0 ELSE attempts END, \
                          next_attempt_at = CASE WHEN delivered_count < $2 OR last_sent_at < $3 THEN 0 ELSE next_attempt_at END, \
                          last_error = CASE WHEN delivered_count < $2 OR last_sent_at < $3 THEN NULL ELSE last_error END, \
                          delivered_count = CASE WHEN delivered_count < $2 THEN $2 ELSE delivered_count END, \
                          last_sent_at = CASE WHEN last_sent_at < $3 THEN $3 ELSE last_sent_at END, \
-                         lease_until = $4 WHERE id = $1",
+                         lease_until = CASE WHEN $4 = 0 OR lease_until > 0 THEN $4 ELSE 0 END WHERE id = $1",
                     )
                     .bind(id)
                     .bind(delivered)
