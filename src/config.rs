@@ -48,6 +48,10 @@ pub struct Config {
     /// Largest accepted request body, in bytes (larger: 413).
     #[arg(long, env = "SENTINELLA_MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Writes accepted at once (running or queued for the database); beyond it a write is
+    /// answered 503 with Retry-After.
+    #[arg(long, env = "SENTINELLA_MAX_WRITES_IN_FLIGHT", default_value_t = 512)]
+    pub max_writes_in_flight: usize,
     /// Public base URL of the FHIR endpoint (default: http://<Host header>/fhir).
     #[arg(long, env = "SENTINELLA_BASE_URL")]
     pub base_url: Option<String>,
@@ -92,6 +96,7 @@ impl Config {
             database: database.into(),
             log_format: LogFormat::Text,
             max_body_bytes: 10 * 1024 * 1024,
+            max_writes_in_flight: 512,
             base_url: None,
             eucast_version: None,
             access_file: None,

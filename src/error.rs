@@ -94,6 +94,14 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("storage failure: {0}")]
     Storage(#[from] crate::store::StoreError),
+    /// Overloaded: the client should retry after a short while (503 with `Retry-After`).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The client went away before its write started: nobody receives this answer.
+    #[error("the client went away")]
+    ClientGone,
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl ApiError {
@@ -126,7 +134,12 @@ impl ApiError {
             ApiError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Storage(e) if e.is_conflict() => StatusCode::CONFLICT,
+            ApiError::Storage(e) if e.is_overload() => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            // 499 in nginx's sense; never sent, the client is gone
+            ApiError::ClientGone => StatusCode::REQUEST_TIMEOUT,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -143,7 +156,9 @@ impl ApiError {
             | ApiError::NotAcceptable(_)
             | ApiError::MethodNotAllowed(_) => "not-supported",
             ApiError::Storage(e) if e.is_conflict() => "conflict",
-            ApiError::Storage(_) => "exception",
+            ApiError::Storage(e) if e.is_overload() => "transient",
+            ApiError::Storage(_) | ApiError::Internal(_) => "exception",
+            ApiError::Unavailable(_) | ApiError::ClientGone => "transient",
         };
         vec![Issue::error(code, self.to_string(), None)]
     }
@@ -182,6 +197,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         let challenge = matches!(self, ApiError::Unauthorized(_));
+        let retry = status == StatusCode::SERVICE_UNAVAILABLE;
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         } else {
@@ -192,6 +208,12 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,
                 axum::http::HeaderValue::from_static("Bearer realm=\"sentinella\""),
+            );
+        }
+        if retry {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
             );
         }
         response

@@ -70,11 +70,13 @@ pub async fn build_app(config: Config) -> anyhow::Result<Router> {
     })
     .await
     .expect("warm-up does not panic");
+    let config_writes = config.max_writes_in_flight;
     Ok(router(AppState {
         store,
         config: Arc::new(config),
         engine: Arc::new(engine),
         access,
+        writes: crate::api::write_task::WriteSlots::new(config_writes),
     }))
 }
 

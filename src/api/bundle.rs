@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use super::format::{BaseUrl, FhirBody, Prefer, ReturnPref, fhir_json, negotiate};
 use super::interactions::{self, Written, conditional_match, parse_etag};
 use super::responses::{bundle, entry_response, parse_body};
+use super::write_task::Liveness;
 use super::{AppState, Caller};
 use crate::error::{ApiError, ApiResult, Issue, operation_outcome};
 use crate::fhir::resource::{for_each_reference, is_valid_id, parse_json, resource_type, validate};
@@ -355,7 +356,63 @@ pub async fn process(
     FhirBody(body): FhirBody,
 ) -> ApiResult<Response> {
     negotiate(&headers, query.as_deref())?;
-    let b = parse_json(&body)?;
+    // parsing and validating a Bundle is CPU work: off the async workers
+    let parsed = tokio::task::spawn_blocking(move || prepare(&body))
+        .await
+        .map_err(|_| ApiError::Internal("validation failed".into()))??;
+    let st = state.clone();
+    let out = match parsed {
+        Prepared::Transaction(entries) => {
+            state
+                .writes
+                .run(|live| async move { transaction(&st, &caller, &live, entries).await })
+                .await?
+        }
+        Prepared::Batch(raw) => {
+            state
+                .writes
+                .run(|live| async move { Ok(batch(&st, &caller, &live, raw).await) })
+                .await?
+        }
+    };
+    let (kind, out) = match out {
+        Outcome::Transaction(results) => (
+            "transaction-response",
+            results
+                .iter()
+                .map(|d| response_entry(d, prefer, &base))
+                .collect::<ApiResult<Vec<_>>>()?,
+        ),
+        Outcome::Batch(results) => (
+            "batch-response",
+            results
+                .into_iter()
+                .map(
+                    |r| match r.and_then(|d| response_entry(&d, prefer, &base)) {
+                        Ok(v) => v,
+                        Err(err) => batch_error(&err),
+                    },
+                )
+                .collect(),
+        ),
+    };
+    Ok(fhir_json(StatusCode::OK, &bundle(kind, None, vec![], out)))
+}
+
+/// A Bundle ready for the database: a transaction's validated entries, or a batch's raw ones
+/// (each is checked on its own: one bad entry does not stop the others).
+enum Prepared {
+    Transaction(Vec<Entry>),
+    Batch(Vec<Value>),
+}
+
+enum Outcome {
+    Transaction(Vec<Done>),
+    Batch(Vec<ApiResult<Done>>),
+}
+
+fn prepare(body: &[u8]) -> ApiResult<Prepared> {
+    let mut b = parse_json(body)?;
     let rt = resource_type(&b)?;
     if rt != "Bundle" {
         return Err(ApiError::invalid(vec![Issue::error(
@@ -365,8 +422,11 @@ pub async fn process(
         )]));
     }
     match b["type"].as_str() {
-        Some("transaction") => transaction(&state, &caller, &b, prefer, &base).await,
-        Some("batch") => batch(&state, &caller, &b, prefer, &base).await,
+        Some("transaction") => Ok(Prepared::Transaction(validate_bundle(&b)?)),
+        Some("batch") => Ok(Prepared::Batch(match b["entry"].take() {
+            Value::Array(entries) => entries,
+            _ => Vec::new(),
+        })),
         other => Err(ApiError::unprocessable(vec![Issue::error(
             "not-supported",
             format!(
@@ -378,15 +438,20 @@ pub async fn process(
     }
 }
 
+fn batch_error(err: &ApiError) -> Value {
+    json!({"response": {
+        "status": format!("{} {}", err.status().as_u16(), err.status().canonical_reason().unwrap_or("")),
+        "outcome": err.outcome(),
+    }})
+}
+
 async fn transaction(
     state: &AppState,
     caller: &Caller,
-    b: &Value,
-    prefer: Prefer,
-    base: &BaseUrl,
-) -> ApiResult<Response> {
-    let mut entries = validate_bundle(b)?;
-    let mut tx = state.begin(caller).await?;
+    live: &Liveness,
+    mut entries: Vec<Entry>,
+) -> ApiResult<Outcome> {
+    let mut tx = state.begin(caller, live).await?;
     // 1. ids: POST entries get new ids (or the match of their ifNoneExist), conditional PUTs their match
     let mut ids: HashMap<String, String> = HashMap::new();
     for e in entries.iter_mut() {
@@ -399,6 +464,8 @@ async fn transaction(
             };
             e.existing = matched.is_some();
             e.id = Some(matched.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()));
+            // decided here, under this transaction's lock: execute must not search again
+            e.if_none_exist = None;
         } else if e.method == Method::Put && e.id.is_none() {
             let q = e.conditional.clone().unwrap_or_default();
             let matched = conditional_match(tx.as_mut(), &e.rt, &q)
@@ -450,64 +517,47 @@ async fn transaction(
         results[i] = Some(d);
     }
     tx.commit().await?;
-    let out = results
-        .iter()
-        .map(|d| response_entry(d.as_ref().expect("every entry ran"), prefer, base))
-        .collect::<ApiResult<Vec<_>>>()?;
-    Ok(fhir_json(
-        StatusCode::OK,
-        &bundle("transaction-response", None, vec![], out),
+    Ok(Outcome::Transaction(
+        results
+            .into_iter()
+            .map(|d| d.expect("every entry ran"))
+            .collect(),
     ))
 }
 
-async fn batch(
-    state: &AppState,
-    caller: &Caller,
-    b: &Value,
-    prefer: Prefer,
-    base: &BaseUrl,
-) -> ApiResult<Response> {
-    let empty = vec![];
-    let raw = b["entry"].as_array().unwrap_or(&empty);
+/// Each entry in a transaction of its own; an entry's failure is its response, not the Bundle's.
+async fn batch(state: &AppState, caller: &Caller, live: &Liveness, raw: Vec<Value>) -> Outcome {
     let mut out = Vec::with_capacity(raw.len());
     for (i, raw_entry) in raw.iter().enumerate() {
-        let result = async {
-            let mut e = parse_entry(i, raw_entry)?;
-            if let Some(r) = e.resource.as_mut() {
-                validate(r).map_err(|err| at_entry(i, err))?;
-                e.warnings = local_codes::warnings(r);
-                let mut dangling = None;
-                for_each_reference(r, "", &mut |reference, path| {
-                    if reference.starts_with("urn:uuid:") && dangling.is_none() {
-                        dangling = Some(path.to_string());
+        out.push(
+            async {
+                let mut e = parse_entry(i, raw_entry)?;
+                if let Some(r) = e.resource.as_mut() {
+                    validate(r).map_err(|err| at_entry(i, err))?;
+                    e.warnings = local_codes::warnings(r);
+                    let mut dangling = None;
+                    for_each_reference(r, "", &mut |reference, path| {
+                        if reference.starts_with("urn:uuid:") && dangling.is_none() {
+                            dangling = Some(path.to_string());
+                        }
+                    });
+                    if let Some(path) = dangling {
+                        return Err(entry_error(
+                            i,
+                            "a batch entry cannot reference another entry by urn:uuid".into(),
+                            &format!("resource{path}"),
+                        ));
                     }
-                });
-                if let Some(path) = dangling {
-                    return Err(entry_error(
-                        i,
-                        "a batch entry cannot reference another entry by urn:uuid".into(),
-                        &format!("resource{path}"),
-                    ));
                 }
+                let mut tx = state.begin(caller, live).await?;
+                let d = execute(tx.as_mut(), &mut e)
+                    .await
+                    .map_err(|err| at_entry(i, err))?;
+                tx.commit().await?;
+                Ok(d)
             }
-            let mut tx = state.begin(caller).await?;
-            let d = execute(tx.as_mut(), &mut e)
-                .await
-                .map_err(|err| at_entry(i, err))?;
-            tx.commit().await?;
-            response_entry(&d, prefer, base)
-        }
-        .await;
-        out.push(match result {
-            Ok(v) => v,
-            Err(err) => json!({"response": {
-                "status": format!("{} {}", err.status().as_u16(), err.status().canonical_reason().unwrap_or("")),
-                "outcome": err.outcome(),
-            }}),
-        });
+            .await,
+        );
     }
-    Ok(fhir_json(
-        StatusCode::OK,
-        &bundle("batch-response", None, vec![], out),
-    ))
+    Outcome::Batch(out)
 }

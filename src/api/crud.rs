@@ -19,8 +19,16 @@ fn if_match(headers: &HeaderMap) -> ApiResult<Option<i64>> {
     header(headers, "if-match").map(parse_etag).transpose()
 }
 
-/// Parse and validate a body for `rt`; the type in the body must be the one in the URL.
-fn read_resource(rt: &str, body: &[u8]) -> ApiResult<serde_json::Value> {
+/// Parse and validate a body for `rt` on a blocking thread (CPU work: the async workers keep
+/// serving); the type in the body must be the one in the URL.
+async fn read_resource(rt: &str, body: bytes::Bytes) -> ApiResult<serde_json::Value> {
+    let rt = rt.to_string();
+    tokio::task::spawn_blocking(move || parse_and_validate(&rt, &body))
+        .await
+        .map_err(|_| ApiError::Internal("validation failed".into()))?
+}
+
+fn parse_and_validate(rt: &str, body: &[u8]) -> ApiResult<serde_json::Value> {
     let resource = parse_json(body)?;
     let body_type = resource_type(&resource)?;
     if body_type != rt {
@@ -68,15 +76,25 @@ pub async fn create(
 ) -> ApiResult<Response> {
     negotiate(&headers, query.as_deref())?;
     super::require_type(&rt)?;
-    let resource = read_resource(&rt, &body)?;
+    let resource = read_resource(&rt, body).await?;
     let warnings = local_codes::warnings(&resource);
     let id = uuid::Uuid::new_v4().to_string();
-    let mut tx = state.begin(&caller).await?;
-    let written = match header(&headers, "if-none-exist") {
-        Some(q) => interactions::create_if_none_exist(tx.as_mut(), resource, &id, q).await?,
-        None => interactions::create(tx.as_mut(), resource, &id).await?,
-    };
-    tx.commit().await?;
+    let if_none_exist = header(&headers, "if-none-exist").map(String::from);
+    let st = state.clone();
+    let written = state
+        .writes
+        .run(|live| async move {
+            let mut tx = st.begin(&caller, &live).await?;
+            let written = match if_none_exist {
+                Some(q) => {
+                    interactions::create_if_none_exist(tx.as_mut(), resource, &id, &q).await?
+                }
+                None => interactions::create(tx.as_mut(), resource, &id).await?,
+            };
+            tx.commit().await?;
+            Ok(written)
+        })
+        .await?;
     let location = written.created;
     Ok(write_response(&written, prefer, &base, location, &warnings))
 }
@@ -172,7 +190,7 @@ pub async fn update(
             "'{id}' is not a valid FHIR id"
         )));
     }
-    let resource = read_resource(&rt, &body)?;
+    let resource = read_resource(&rt, body).await?;
     let warnings = local_codes::warnings(&resource);
     match resource.get("id").and_then(|v| v.as_str()) {
         Some(body_id) if body_id == id => {}
@@ -192,9 +210,16 @@ pub async fn update(
         }
     }
     let expected = if_match(&headers)?;
-    let mut tx = state.begin(&caller).await?;
-    let written = interactions::update(tx.as_mut(), resource, &id, expected).await?;
-    tx.commit().await?;
+    let st = state.clone();
+    let written = state
+        .writes
+        .run(|live| async move {
+            let mut tx = st.begin(&caller, &live).await?;
+            let written = interactions::update(tx.as_mut(), resource, &id, expected).await?;
+            tx.commit().await?;
+            Ok(written)
+        })
+        .await?;
     Ok(write_response(&written, prefer, &base, true, &warnings))
 }
 
@@ -206,9 +231,16 @@ pub async fn delete(
 ) -> ApiResult<Response> {
     super::require_type(&rt)?;
     let expected = if_match(&headers)?;
-    let mut tx = state.begin(&caller).await?;
-    let deleted = interactions::delete(tx.as_mut(), &rt, &id, expected).await?;
-    tx.commit().await?;
+    let st = state.clone();
+    let deleted = state
+        .writes
+        .run(|live| async move {
+            let mut tx = st.begin(&caller, &live).await?;
+            let deleted = interactions::delete(tx.as_mut(), &rt, &id, expected).await?;
+            tx.commit().await?;
+            Ok(deleted)
+        })
+        .await?;
     let mut r = Response::new(axum::body::Body::empty());
     *r.status_mut() = StatusCode::NO_CONTENT;
     if let Some(d) = deleted
@@ -233,32 +265,42 @@ pub async fn conditional_update(
 ) -> ApiResult<Response> {
     super::require_type(&rt)?;
     let q = query.unwrap_or_default();
-    let mut resource = read_resource(&rt, &body)?;
+    let mut resource = read_resource(&rt, body).await?;
     let warnings = local_codes::warnings(&resource);
-    let mut tx = state.begin(&caller).await?;
-    let body_id = resource
-        .get("id")
-        .and_then(|v| v.as_str())
-        .map(String::from);
-    let id = match interactions::conditional_match(tx.as_mut(), &rt, &q).await? {
-        Some(id) => id,
-        // no match: a client-chosen id in the body is honoured, as for update-as-create
-        None => body_id
-            .clone()
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-    };
-    if let Some(body_id) = body_id
-        && body_id != id
-    {
-        return Err(ApiError::invalid(vec![Issue::error(
-            "invalid",
-            format!("the id in the body ({body_id}) is not the id of the matching resource ({id})"),
-            Some(format!("{rt}.id")),
-        )]));
-    }
-    resource["id"] = serde_json::json!(id);
-    let written = interactions::update(tx.as_mut(), resource, &id, if_match(&headers)?).await?;
-    tx.commit().await?;
+    let expected = if_match(&headers)?;
+    let st = state.clone();
+    let written = state
+        .writes
+        .run(|live| async move {
+            let mut tx = st.begin(&caller, &live).await?;
+            let body_id = resource
+                .get("id")
+                .and_then(|v| v.as_str())
+                .map(String::from);
+            let id = match interactions::conditional_match(tx.as_mut(), &rt, &q).await? {
+                Some(id) => id,
+                // no match: a client-chosen id in the body is honoured, as for update-as-create
+                None => body_id
+                    .clone()
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            };
+            if let Some(body_id) = body_id
+                && body_id != id
+            {
+                return Err(ApiError::invalid(vec![Issue::error(
+                    "invalid",
+                    format!(
+                        "the id in the body ({body_id}) is not the id of the matching resource ({id})"
+                    ),
+                    Some(format!("{rt}.id")),
+                )]));
+            }
+            resource["id"] = serde_json::json!(id);
+            let written = interactions::update(tx.as_mut(), resource, &id, expected).await?;
+            tx.commit().await?;
+            Ok(written)
+        })
+        .await?;
     Ok(write_response(&written, prefer, &base, true, &warnings))
 }
 
@@ -271,11 +313,17 @@ pub async fn conditional_delete(
 ) -> ApiResult<Response> {
     super::require_type(&rt)?;
     let q = query.unwrap_or_default();
-    let mut tx = state.begin(&caller).await?;
-    if let Some(id) = interactions::conditional_match(tx.as_mut(), &rt, &q).await? {
-        interactions::delete(tx.as_mut(), &rt, &id, None).await?;
-    }
-    tx.commit().await?;
+    let st = state.clone();
+    state
+        .writes
+        .run(|live| async move {
+            let mut tx = st.begin(&caller, &live).await?;
+            if let Some(id) = interactions::conditional_match(tx.as_mut(), &rt, &q).await? {
+                interactions::delete(tx.as_mut(), &rt, &id, None).await?;
+            }
+            Ok(tx.commit().await?)
+        })
+        .await?;
     let mut r = Response::new(axum::body::Body::empty());
     *r.status_mut() = StatusCode::NO_CONTENT;
     Ok(r)

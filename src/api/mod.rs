@@ -8,6 +8,7 @@ pub mod metadata;
 pub mod responses;
 pub mod search;
 pub mod subscription_ops;
+pub mod write_task;
 pub mod xml;
 
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use crate::config::Config;
 use crate::error::{ApiError, ApiResult};
 use crate::store::{SharedStore, StoreTx};
 use crate::surveillance::{Engine, SurveillanceTx};
+use write_task::Liveness;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -29,13 +31,19 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub engine: Arc<Engine>,
     pub access: Arc<Access>,
+    /// Writes run detached from their requests, a bounded number at once.
+    pub writes: write_task::WriteSlots,
 }
 
 impl AppState {
     /// A write transaction for `caller`; the surveillance rules run on what it wrote before it
-    /// commits, and what it may write is checked as it writes.
-    pub async fn begin(&self, caller: &Caller) -> ApiResult<Box<dyn StoreTx>> {
-        let inner = self.store.begin().await?;
+    /// commits, and what it may write is checked as it writes. Nothing starts for a client that
+    /// is gone; a database that cannot be had in time is a 503.
+    pub async fn begin(&self, caller: &Caller, live: &Liveness) -> ApiResult<Box<dyn StoreTx>> {
+        live.check()?;
+        let inner = tokio::time::timeout(write_task::QUEUE_TIMEOUT, self.store.begin())
+            .await
+            .map_err(|_| crate::store::StoreError::Busy)??;
         Ok(SurveillanceTx::wrap(
             inner,
             self.engine.clone(),

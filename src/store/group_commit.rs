@@ -1,29 +1,48 @@
 //! Group commit for SQLite. SQLite has one writer and a durable commit costs an fsync (about 2 ms
 //! here), which alone would cap the server near 400 write transactions per second. Every write
 //! transaction therefore runs as a SAVEPOINT inside one outer transaction on the single write
-//! connection; when a transaction commits and nobody else is queued for the writer, the outer
-//! transaction is committed (one fsync for the whole group) and every member is told. A member
-//! only returns (and the client only gets its 2xx) after that durable commit; a member that fails
-//! is rolled back to its savepoint without touching the others.
+//! connection; the outer transaction is committed (one fsync for the whole group) when nobody else
+//! is queued for the writer, when the group is full, or when its oldest member has waited long
+//! enough, and every member is told. A member only returns (and the client only gets its 2xx)
+//! after that durable commit; a member that fails is rolled back to its savepoint without touching
+//! the others.
+//!
+//! Cancellation: the API runs writes in tasks of their own, so a client that goes away does not
+//! interrupt them; still, nothing here depends on a future running to its end. The queue counter
+//! is a guard, a statement that changes the transaction state marks the state "in doubt" until it
+//! returns (a dropped future leaves the mark, and the next holder of the writer repairs the
+//! connection from what SQLite says), and a member waiting for its group's commit commits the group
+//! itself when nobody has within the time bound.
 //!
 //! Hand-written: sqlx has no group commit, and its Transaction type cannot nest this way.
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use sqlx::SqliteConnection;
 use tokio::sync::{Mutex, OwnedMutexGuard, oneshot};
 
 use super::{StoreError, StoreResult};
 
-/// Commit at the latest when this many transactions wait for the same fsync.
-const MAX_GROUP: usize = 128;
+/// Commit at the latest when this many transactions wait for the same fsync…
+const MAX_GROUP: usize = 64;
+/// …or when the group's first member has waited this long (p99 under open load).
+const MAX_GROUP_WAIT: Duration = Duration::from_millis(8);
+
+type Outcome = Result<(), String>;
 
 pub struct WriterState {
     conn: SqliteConnection,
     outer_open: bool,
     savepoint_open: bool,
-    pending: Vec<oneshot::Sender<Result<(), String>>>,
+    /// A statement that opens or ends a transaction or savepoint was started and has not been
+    /// seen to return: what the connection holds must be asked, not assumed.
+    in_doubt: bool,
+    /// Members whose savepoint was released, waiting for the outer commit.
+    pending: Vec<oneshot::Sender<Outcome>>,
+    /// When the first member of the open group released its savepoint.
+    group_since: Option<Instant>,
 }
 
 #[derive(Clone)]
@@ -35,21 +54,89 @@ pub struct GroupWriter {
 
 pub struct GroupTx {
     guard: Option<OwnedMutexGuard<WriterState>>,
-    waiting: Arc<AtomicUsize>,
+    writer: GroupWriter,
+}
+
+/// Counts a transaction as queued for the writer for as long as it lives (a dropped future
+/// included).
+struct Queued(Arc<AtomicUsize>);
+
+impl Queued {
+    fn enter(counter: &Arc<AtomicUsize>) -> Queued {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Queued(counter.clone())
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 async fn exec(conn: &mut SqliteConnection, sql: &'static str) -> Result<(), sqlx::Error> {
     sqlx::query(sql).execute(conn).await.map(|_| ())
 }
 
-/// Undo the open savepoint of a transaction that did not commit.
-async fn roll_back_member(s: &mut WriterState) -> Result<(), sqlx::Error> {
+/// Run a statement that changes the transaction state, marking the state in doubt while it runs.
+async fn step(s: &mut WriterState, sql: &'static str) -> Result<(), sqlx::Error> {
+    s.in_doubt = true;
+    let r = exec(&mut s.conn, sql).await;
+    s.in_doubt = false;
+    r
+}
+
+fn tell(pending: Vec<oneshot::Sender<Outcome>>, outcome: &Outcome) {
+    for member in pending {
+        let _ = member.send(outcome.clone());
+    }
+}
+
+/// Bring the connection back to a known state after an interrupted statement or member: no
+/// savepoint open, and the outer transaction either open with its pending members intact or
+/// ended with every pending member told how it ended.
+async fn repair(s: &mut WriterState) {
+    if s.in_doubt {
+        s.in_doubt = false;
+        // BEGIN fails inside a transaction: that tells whether one is open
+        let open = exec(&mut s.conn, "BEGIN IMMEDIATE").await.is_err();
+        if open {
+            // an interrupted member or BEGIN/SAVEPOINT/RELEASE: nothing of this group is
+            // durable, so all of it goes and its members hear so
+            let r = exec(&mut s.conn, "ROLLBACK").await;
+            tracing::error!(
+                ok = r.is_ok(),
+                "writer repaired: the open group was rolled back"
+            );
+            tell(
+                std::mem::take(&mut s.pending),
+                &Err("the write was interrupted".into()),
+            );
+        } else {
+            // no transaction was open: the interrupted statement was the group's COMMIT, which
+            // completed (a failed COMMIT leaves the transaction open)
+            let _ = exec(&mut s.conn, "ROLLBACK").await;
+            tracing::warn!("writer repaired: an interrupted group commit had completed");
+            tell(std::mem::take(&mut s.pending), &Ok(()));
+        }
+        s.outer_open = false;
+        s.savepoint_open = false;
+        s.group_since = None;
+        return;
+    }
     if s.savepoint_open {
         s.savepoint_open = false;
-        exec(&mut s.conn, "ROLLBACK TO request").await?;
-        exec(&mut s.conn, "RELEASE request").await?;
+        let undone = async {
+            step(s, "ROLLBACK TO request").await?;
+            step(s, "RELEASE request").await
+        }
+        .await;
+        if let Err(e) = undone {
+            tracing::error!(error = %e, "savepoint rollback failed; repairing the writer");
+            s.in_doubt = true;
+            Box::pin(repair(s)).await;
+        }
     }
-    Ok(())
 }
 
 /// Commit the outer transaction and tell every member of the group how it went.
@@ -57,14 +144,13 @@ async fn flush(s: &mut WriterState) {
     if !s.outer_open {
         return;
     }
-    let result = exec(&mut s.conn, "COMMIT").await.map_err(|e| e.to_string());
-    s.outer_open = false;
+    let result = step(s, "COMMIT").await.map_err(|e| e.to_string());
     if result.is_err() {
-        let _ = exec(&mut s.conn, "ROLLBACK").await;
+        let _ = step(s, "ROLLBACK").await;
     }
-    for member in s.pending.drain(..) {
-        let _ = member.send(result.clone());
-    }
+    s.outer_open = false;
+    s.group_since = None;
+    tell(std::mem::take(&mut s.pending), &result);
 }
 
 impl GroupWriter {
@@ -73,7 +159,9 @@ impl GroupWriter {
             conn,
             outer_open: false,
             savepoint_open: false,
+            in_doubt: false,
             pending: Vec::new(),
+            group_since: None,
         };
         GroupWriter {
             state: Arc::new(Mutex::new(state)),
@@ -81,68 +169,94 @@ impl GroupWriter {
         }
     }
 
+    /// Transactions waiting for the writer now.
+    pub fn queued(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
     pub async fn begin(&self) -> StoreResult<GroupTx> {
-        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let queued = Queued::enter(&self.waiting);
         let mut guard = self.state.clone().lock_owned().await;
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        drop(queued);
         let s = &mut *guard;
-        if let Err(e) = roll_back_member(s).await {
-            // the connection is in an unknown state: end the group so the next one starts clean
-            tracing::error!(error = %e, "savepoint cleanup failed; committing the group early");
-            flush(s).await;
-        }
+        repair(s).await;
         if !s.outer_open {
-            exec(&mut s.conn, "BEGIN IMMEDIATE").await?;
+            step(s, "BEGIN IMMEDIATE").await?;
             s.outer_open = true;
         }
-        exec(&mut s.conn, "SAVEPOINT request").await?;
+        step(s, "SAVEPOINT request").await?;
         s.savepoint_open = true;
         Ok(GroupTx {
             guard: Some(guard),
-            waiting: self.waiting.clone(),
+            writer: self.clone(),
         })
+    }
+
+    /// Commit the open group now if it still has members waiting (a member whose group nobody
+    /// committed within the bound calls this).
+    async fn commit_stale_group(&self) {
+        let mut guard = self.state.lock().await;
+        let s = &mut *guard;
+        repair(s).await;
+        if !s.pending.is_empty() {
+            flush(s).await;
+        }
     }
 }
 
 impl GroupTx {
     pub async fn commit(mut self) -> StoreResult<()> {
         let mut guard = self.guard.take().expect("a transaction commits once");
-        let waiting = self.waiting.clone();
+        let writer = self.writer.clone();
         let s = &mut *guard;
-        if let Err(e) = exec(&mut s.conn, "RELEASE request").await {
-            let _ = roll_back_member(s).await;
+        if let Err(e) = step(s, "RELEASE request").await {
+            repair(s).await;
             return Err(e.into());
         }
         s.savepoint_open = false;
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = oneshot::channel();
         s.pending.push(tx);
-        if waiting.load(Ordering::SeqCst) == 0 || s.pending.len() >= MAX_GROUP {
+        let since = *s.group_since.get_or_insert_with(Instant::now);
+        if writer.queued() == 0 || s.pending.len() >= MAX_GROUP || since.elapsed() >= MAX_GROUP_WAIT
+        {
             flush(s).await;
         }
         drop(guard);
-        match rx.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(StoreError::GroupCommit(e)),
-            Err(_) => Err(StoreError::GroupCommit("the group was abandoned".into())),
+        loop {
+            match tokio::time::timeout(MAX_GROUP_WAIT, &mut rx).await {
+                Ok(Ok(Ok(()))) => return Ok(()),
+                Ok(Ok(Err(e))) => return Err(StoreError::GroupCommit(e)),
+                Ok(Err(_)) => {
+                    return Err(StoreError::GroupCommit("the group was abandoned".into()));
+                }
+                // whoever was queued went away or is slow: commit the group ourselves
+                Err(_) => writer.commit_stale_group().await,
+            }
         }
     }
 }
 
 impl Drop for GroupTx {
-    /// A transaction dropped without commit (an error, a rejected Bundle): roll its savepoint back,
-    /// and commit the group if nobody else is queued to do it.
+    /// A transaction dropped without commit (an error, a rejected Bundle, a dropped future): roll
+    /// its savepoint back, and commit the group if nobody else is queued to do it.
     fn drop(&mut self) {
         if let Some(mut guard) = self.guard.take() {
-            let waiting = self.waiting.clone();
-            tokio::spawn(async move {
+            let waiting = self.writer.waiting.clone();
+            let cleanup = async move {
                 let s = &mut *guard;
-                if let Err(e) = roll_back_member(s).await {
-                    tracing::error!(error = %e, "rollback to savepoint failed");
-                }
+                repair(s).await;
                 if waiting.load(Ordering::SeqCst) == 0 && !s.pending.is_empty() {
                     flush(s).await;
                 }
-            });
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(cleanup);
+                }
+                // no runtime (process end): the guard goes with the future, and the next holder
+                // of the writer, if any, repairs the savepoint it finds open
+                Err(_) => drop(cleanup),
+            }
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Versioned resource storage: one trait, a SQLite and a PostgreSQL implementation sharing their SQL
 //! (`sql.rs`), search queries compiled to SQL in `query.rs`.
+mod backend;
 mod group_commit;
 pub mod query;
 mod sql;
@@ -27,11 +28,22 @@ pub enum StoreError {
     /// The surveillance rules could not complete (a defect: the write is rolled back).
     #[error("surveillance rules failed: {0}")]
     Rule(String),
+    /// The writer could not be had in time.
+    #[error("the database is busy")]
+    Busy,
     #[error("unsupported database URL '{0}': use sqlite://PATH or postgres://…")]
     BadUrl(String),
 }
 
 impl StoreError {
+    /// The database could not take the work in time (no connection, writer queue full).
+    pub fn is_overload(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Busy | StoreError::Database(sqlx::Error::PoolTimedOut)
+        )
+    }
+
     pub fn is_conflict(&self) -> bool {
         match self {
             StoreError::VersionConflict { .. } => true,
@@ -42,6 +54,9 @@ impl StoreError {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// How long to wait for a PostgreSQL connection before the request is answered 503.
+pub const ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// One stored version of a resource.
 #[derive(Debug, Clone)]

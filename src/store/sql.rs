@@ -9,12 +9,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::{AssertSqlSafe, Row};
 
+use super::backend::index_rows;
 use super::query::{Bind, COLUMNS, SearchQuery, Sql};
 use super::{
     CaseKey, CaseRow, DeliveryState, EventRow, HistoryQuery, IsolateState, NewVersion, SearchPage,
     SharedStore, Store, StoreError, StoreResult, StoreTx, StoredResource, SubscriptionRow,
 };
-use crate::fhir::search_params::IndexValue;
 
 /// Open the database named by a URL (`sqlite://PATH`, `postgres://…`) and run its migrations.
 pub async fn connect(url: &str) -> StoreResult<SharedStore> {
@@ -38,56 +38,6 @@ pub async fn connect_for_delivery(url: &str, shared: &SharedStore) -> StoreResul
     }
 }
 
-/// Row counts of the multi-row INSERTs into search_index. Only these few statement shapes exist, so
-/// the drivers' prepared-statement caches hit (a statement per distinct row count was re-prepared
-/// on most writes).
-const INDEX_BATCHES: [usize; 3] = [32, 8, 1];
-
-/// Split `n` rows into chunks of the fixed batch sizes, largest first.
-/// Row counts for multi-row INSERTs of new resources and their first versions.
-const ROW_BATCHES: [usize; 3] = [16, 4, 1];
-
-fn chunks(mut n: usize, sizes: [usize; 3]) -> Vec<usize> {
-    let mut out = Vec::new();
-    for size in sizes {
-        while n >= size {
-            out.push(size);
-            n -= size;
-        }
-    }
-    out
-}
-
-/// `INSERT INTO <head> VALUES ($1,…,$cols),(…)` for `rows` rows.
-fn values_sql(head: &str, cols: usize, rows: usize) -> String {
-    let mut text = format!("INSERT INTO {head} VALUES ");
-    for r in 0..rows {
-        if r > 0 {
-            text.push(',');
-        }
-        text.push('(');
-        for c in 0..cols {
-            if c > 0 {
-                text.push(',');
-            }
-            text.push_str(&format!("${}", r * cols + c + 1));
-        }
-        text.push(')');
-    }
-    text
-}
-
-fn index_chunks(mut n: usize) -> Vec<usize> {
-    let mut out = Vec::new();
-    for size in INDEX_BATCHES {
-        while n >= size {
-            out.push(size);
-            n -= size;
-        }
-    }
-    out
-}
-
 /// Stable 64-bit key for advisory locks (FNV-1a).
 fn lock_key(key: &str) -> i64 {
     let mut h: u64 = 0xcbf29ce484222325;
@@ -98,33 +48,10 @@ fn lock_key(key: &str) -> i64 {
     h as i64
 }
 
-fn index_insert_sql(rows: usize) -> String {
-    let mut text = String::from(
-        "INSERT INTO search_index (resource_type, id, param, system, value, lo, hi) VALUES ",
-    );
-    for r in 0..rows {
-        let b = r * 7;
-        if r > 0 {
-            text.push(',');
-        }
-        text.push_str(&format!(
-            "(${},${},${},${},${},${},${})",
-            b + 1,
-            b + 2,
-            b + 3,
-            b + 4,
-            b + 5,
-            b + 6,
-            b + 7
-        ));
-    }
-    text
-}
-
 /// `$writer` hands out write transactions (`$begin`) held as `$conn` (which derefs to the driver's
 /// connection) and finished by `$commit`.
 macro_rules! sql_backend {
-    ($module:ident, $db:ty, $name:literal, $lock:expr, $skip_locked:literal, $writer:ty, $conn:ty, $begin:path, $commit:path) => {
+    ($module:ident, $db:ty, $name:literal, $lock:expr, $backend:ident, $skip_locked:literal, $writer:ty, $conn:ty, $begin:path, $commit:path) => {
         pub mod $module {
             use super::*;
 
@@ -155,64 +82,8 @@ macro_rules! sql_backend {
                         return Ok(());
                     }
                     let pending = std::mem::take(&mut self.pending);
-                    let mut rest = pending.as_slice();
-                    for size in chunks(rest.len(), ROW_BATCHES) {
-                        let (chunk, tail) = rest.split_at(size);
-                        rest = tail;
-                        let mut q = sqlx::query(AssertSqlSafe(values_sql(
-                            "resources (resource_type, id, version_id, last_updated, deleted, body)",
-                            6,
-                            size,
-                        )));
-                        for v in chunk {
-                            q = q.bind(&v.resource_type).bind(&v.id).bind(v.version_id)
-                                .bind(v.last_updated).bind(v.body.is_none()).bind(&v.body);
-                        }
-                        q.execute(&mut *self.tx).await?;
-                        let mut q = sqlx::query(AssertSqlSafe(values_sql(
-                            "resource_versions (resource_type, id, version_id, last_updated, deleted, method, body)",
-                            7,
-                            size,
-                        )));
-                        for v in chunk {
-                            q = q.bind(&v.resource_type).bind(&v.id).bind(v.version_id)
-                                .bind(v.last_updated).bind(v.body.is_none()).bind(v.method).bind(&v.body);
-                        }
-                        q.execute(&mut *self.tx).await?;
-                    }
-                    let rows: Vec<(&NewVersion, &crate::fhir::search_params::IndexEntry)> = pending
-                        .iter()
-                        .flat_map(|v| v.index.iter().map(move |e| (v, e)))
-                        .collect();
-                    let mut rest = rows.as_slice();
-                    for size in index_chunks(rest.len()) {
-                        let (chunk, tail) = rest.split_at(size);
-                        rest = tail;
-                        self.insert_index_rows(chunk).await?;
-                    }
-                    Ok(())
-                }
-
-                async fn insert_index_rows(
-                    &mut self,
-                    chunk: &[(&NewVersion, &crate::fhir::search_params::IndexEntry)],
-                ) -> StoreResult<()> {
-                    let mut q = sqlx::query(AssertSqlSafe(index_insert_sql(chunk.len())));
-                    for (v, e) in chunk {
-                        q = q.bind(&v.resource_type).bind(&v.id).bind(&e.param);
-                        q = match &e.value {
-                            IndexValue::Text { system, value } => {
-                                q.bind(system.clone()).bind(Some(value.clone())).bind(None::<i64>).bind(None::<i64>)
-                            }
-                            IndexValue::Date(r) => q
-                                .bind(None::<String>)
-                                .bind(None::<String>)
-                                .bind(Some(r.start))
-                                .bind(Some(r.end)),
-                        };
-                    }
-                    q.execute(&mut *self.tx).await?;
-                    Ok(())
+                    crate::store::backend::$backend::insert_new(&mut *self.tx, &pending).await?;
+                    crate::store::backend::$backend::insert_index(&mut *self.tx, &index_rows(&pending)).await
                 }
             }
 
@@ -606,14 +477,7 @@ macro_rules! sql_backend {
                     let mut hashed: Vec<i64> = keys.iter().map(|k| lock_key(k)).collect();
                     hashed.sort_unstable();
                     hashed.dedup();
-                    // the keys are integers computed here, so inlining them is safe
-                    let list: Vec<String> = hashed.iter().map(i64::to_string).collect();
-                    let sql = format!(
-                        "SELECT pg_advisory_xact_lock(k) FROM unnest(ARRAY[{}]::int8[]) WITH ORDINALITY AS t(k, n) ORDER BY n",
-                        list.join(",")
-                    );
-                    sqlx::query(AssertSqlSafe(sql)).execute(&mut *self.tx).await?;
-                    Ok(())
+                    crate::store::backend::$backend::lock_all(&mut *self.tx, hashed).await
                 }
 
                 async fn search_ids(&mut self, q: &SearchQuery) -> StoreResult<Vec<String>> {
@@ -669,15 +533,7 @@ macro_rules! sql_backend {
                     .bind(&v.body)
                     .execute(&mut *self.tx)
                     .await?;
-                    let rows: Vec<(&NewVersion, &crate::fhir::search_params::IndexEntry)> =
-                        v.index.iter().map(|e| (v, e)).collect();
-                    let mut rest = rows.as_slice();
-                    for size in index_chunks(rest.len()) {
-                        let (chunk, tail) = rest.split_at(size);
-                        rest = tail;
-                        self.insert_index_rows(chunk).await?;
-                    }
-                    Ok(())
+                    crate::store::backend::$backend::insert_index(&mut *self.tx, &index_rows(std::slice::from_ref(v))).await
                 }
 
                 async fn flush(&mut self) -> StoreResult<()> {
@@ -831,6 +687,7 @@ sql_backend!(
     sqlx::Sqlite,
     "sqlite",
     None,
+    sqlite,
     "",
     crate::store::group_commit::GroupWriter,
     crate::store::group_commit::GroupTx,
@@ -842,6 +699,7 @@ sql_backend!(
     sqlx::Postgres,
     "postgresql",
     Some("SELECT pg_advisory_xact_lock($1)"),
+    postgres,
     " FOR UPDATE SKIP LOCKED",
     sqlx::PgPool,
     sqlx::Transaction<'static, sqlx::Postgres>,
@@ -865,9 +723,7 @@ mod sqlite {
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true)
             // savepoints (group commit) keep their sub-journal in memory, not in a temp file
-            .pragma("temp_store", "memory")
-            // 64 MiB page cache: the indexes of a busy day stay in memory
-            .pragma("cache_size", "-65536");
+            .pragma("temp_store", "memory");
         {
             let migrator = SqlitePoolOptions::new()
                 .max_connections(1)
@@ -877,10 +733,17 @@ mod sqlite {
             migrator.close().await;
         }
         // SQLite has one writer at a time: one write connection, shared with group commit
-        let writer = crate::store::group_commit::GroupWriter::new(base.connect().await?);
+        // Page caches are per connection and count in the process's memory: the writer keeps
+        // the hot index pages (16 MiB), each reader 4 MiB; the OS page cache holds the rest.
+        let writer = crate::store::group_commit::GroupWriter::new(
+            base.clone()
+                .pragma("cache_size", "-16384")
+                .connect()
+                .await?,
+        );
         let read = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(base.read_only(true))
+            .connect_with(base.read_only(true).pragma("cache_size", "-4096"))
             .await?;
         Ok(Arc::new(sqlite_impl::SqlStore { writer, read }))
     }
@@ -898,6 +761,8 @@ mod postgres {
         let opts = PgConnectOptions::from_str(url)?;
         let pool = PgPoolOptions::new()
             .max_connections(connections)
+            // a write that cannot get a connection soon is answered 503, not queued for 30 s
+            .acquire_timeout(crate::store::ACQUIRE_TIMEOUT)
             .connect_with(opts)
             .await?;
         if migrate {
@@ -917,17 +782,5 @@ mod postgres {
 
     pub async fn commit(tx: sqlx::Transaction<'static, sqlx::Postgres>) -> StoreResult<()> {
         Ok(tx.commit().await?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::index_chunks;
-
-    #[test]
-    fn index_rows_split_into_the_fixed_batch_sizes() {
-        assert_eq!(index_chunks(0), Vec::<usize>::new());
-        assert_eq!(index_chunks(75), vec![32, 32, 8, 1, 1, 1]);
-        assert_eq!(index_chunks(75).iter().sum::<usize>(), 75);
     }
 }
