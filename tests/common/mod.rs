@@ -248,3 +248,88 @@ macro_rules! on_both_databases {
         )*
     };
 }
+
+/// The identifier system the cancellation tests mark what they write with: every resource a test
+/// request writes carries an identifier of this system naming the request, so what a cancelled
+/// request left behind can be found with one search per type.
+pub fn cancellation_system() -> &'static str {
+    "urn:sentinella-test:cancellation"
+}
+
+/// A valid codice fiscale for test person `n` (below 26 000): Laura Bianchi, born 1 January 1990
+/// (as in `examples/antibiogram-transaction.json`), in the comune coded by `n`. Each `n` is another
+/// person (another identity, never an omocodia variant of another `n`).
+pub fn distinct_codice_fiscale(n: u32) -> String {
+    assert!(n < 26_000, "test person {n} is out of range");
+    let comune = format!("{}{:03}", (b'A' + (n / 1000) as u8) as char, n % 1000);
+    sentinella::italy::codice_fiscale::CodiceFiscale::complete(&format!("BNCLRA90A41{comune}"))
+        .expect("a well formed codice fiscale")
+        .as_str()
+        .to_string()
+}
+
+/// `examples/antibiogram-transaction.json` (the laboratory's transaction: ASL, patient with
+/// `ifNoneExist` on the codice fiscale, laboratory, blood specimen, K. pneumoniae isolate,
+/// meropenem and imipenem R, blaKPC detected, report), made distinct: the patient is test person
+/// `person` (`distinct_codice_fiscale`), the specimen has its own accession number, and every
+/// resource but the two shared Organizations carries the identifier
+/// `cancellation_system()|<tag>#<entry index>`. Posted whole it completes a CRE case of its own.
+pub fn distinct_lab_transaction(tag: &str, person: u32) -> Value {
+    let path = format!(
+        "{}/examples/antibiogram-transaction.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let mut bundle: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("the example exists"))
+            .expect("the example is JSON");
+    let cf = distinct_codice_fiscale(person);
+    for (i, entry) in bundle["entry"]
+        .as_array_mut()
+        .expect("entries")
+        .iter_mut()
+        .enumerate()
+    {
+        let resource_type = entry["resource"]["resourceType"]
+            .as_str()
+            .expect("resourceType")
+            .to_string();
+        match resource_type.as_str() {
+            "Organization" => continue,
+            "Patient" => {
+                entry["resource"]["identifier"][0]["value"] = Value::from(cf.clone());
+                entry["request"]["ifNoneExist"] =
+                    Value::from(format!("identifier=http://hl7.it/sid/codiceFiscale|{cf}"));
+            }
+            "Specimen" => {
+                entry["resource"]["identifier"][0]["value"] = Value::from(format!("EMO-{tag}"));
+            }
+            _ => {}
+        }
+        let resource = &mut entry["resource"];
+        let mark =
+            serde_json::json!({"system": cancellation_system(), "value": format!("{tag}#{i}")});
+        match resource["identifier"].as_array_mut() {
+            Some(ids) => ids.push(mark),
+            None => resource["identifier"] = serde_json::json!([mark]),
+        }
+    }
+    bundle
+}
+
+/// The `cancellation_system()` identifier values of a Bundle made by `distinct_lab_transaction`:
+/// what must be stored, all of it or none of it.
+pub fn cancellation_marks(bundle: &Value) -> std::collections::BTreeSet<String> {
+    bundle["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|e| {
+            e["resource"]["identifier"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter(|id| id["system"] == cancellation_system())
+        .filter_map(|id| id["value"].as_str().map(String::from))
+        .collect()
+}
