@@ -22,6 +22,11 @@
 //! latency. At the end it counts the cases of every CRE patient (and, on a database created by
 //! the run, all cases) against the distinct (patient, species) pairs of the CRE Bundles.
 //!
+//! `SENTINELLA_BENCH_WRITE_DIR=<dir>` only generates the workload (same generator and seed
+//! semantics) and writes each Bundle, compact JSON, to `<dir>/bundle-NNNNN.json` (plus
+//! `<dir>/workload.txt`, the configuration line), then exits without starting or calling a
+//! server: the input of the wrk harness in `benches/wrk/`.
+//!
 //! Only loopback addresses are accepted: this is a local load test.
 
 use std::collections::HashSet;
@@ -66,6 +71,8 @@ enum Target {
     Spawn { database: String, fresh: bool },
     /// A server that is already running (its database is not ours to know).
     External { base: String },
+    /// No server: write the Bundles to this directory (`SENTINELLA_BENCH_WRITE_DIR`).
+    WriteDir(PathBuf),
 }
 
 #[derive(Debug)]
@@ -125,13 +132,20 @@ impl Config {
         let target = match (
             env_opt("SENTINELLA_BENCH_URL"),
             env_opt("SENTINELLA_BENCH_DATABASE"),
+            env_opt("SENTINELLA_BENCH_WRITE_DIR"),
         ) {
-            (Some(_), Some(_)) => {
+            (None, None, Some(dir)) => Target::WriteDir(PathBuf::from(dir)),
+            (_, _, Some(_)) => {
+                bail!(
+                    "SENTINELLA_BENCH_WRITE_DIR writes the Bundles without a server: unset SENTINELLA_BENCH_URL and SENTINELLA_BENCH_DATABASE"
+                )
+            }
+            (Some(_), Some(_), None) => {
                 bail!(
                     "set SENTINELLA_BENCH_URL or SENTINELLA_BENCH_DATABASE, not both (a running server has its own database)"
                 )
             }
-            (Some(url), None) => {
+            (Some(url), None, None) => {
                 let base = url.trim().trim_end_matches('/').to_string();
                 let parsed = reqwest::Url::parse(&base)
                     .with_context(|| format!("SENTINELLA_BENCH_URL={url}"))?;
@@ -145,18 +159,18 @@ impl Config {
                 );
                 Target::External { base }
             }
-            (None, Some(database)) if is_postgres(&database) => {
+            (None, Some(database), None) if is_postgres(&database) => {
                 pg_options(&database)?; // fail before generating the workload
                 Target::Spawn {
                     database,
                     fresh: false,
                 }
             }
-            (None, Some(database)) => Target::Spawn {
+            (None, Some(database), None) => Target::Spawn {
                 database,
                 fresh: false,
             },
-            (None, None) => Target::Spawn {
+            (None, None, None) => Target::Spawn {
                 database: format!("sqlite:///tmp/sentinella-bench-{}.db", uuid::Uuid::new_v4()),
                 fresh: true,
             },
@@ -177,6 +191,7 @@ impl Config {
             Target::Spawn { database, .. } if is_postgres(database) => "postgres",
             Target::Spawn { .. } => "unknown",
             Target::External { .. } => "external server",
+            Target::WriteDir(_) => "none (Bundles written to files)",
         }
     }
 
@@ -193,6 +208,9 @@ impl Config {
             }
             Target::External { base } => {
                 let _ = write!(s, " SENTINELLA_BENCH_URL={base}");
+            }
+            Target::WriteDir(dir) => {
+                let _ = write!(s, " SENTINELLA_BENCH_WRITE_DIR={}", dir.display());
             }
         }
         s + " cargo bench --bench load"
@@ -1235,6 +1253,7 @@ async fn run() -> Result<bool> {
             redact(database)
         ),
         Target::External { base } => format!("running server at {base}"),
+        Target::WriteDir(dir) => format!("no server, write the Bundles to {}", dir.display()),
     };
     println!(
         "config: N={} C={} repeat={}% cre={}% seed={} target: {target}",
@@ -1273,6 +1292,7 @@ async fn run() -> Result<bool> {
     let mut pg = None;
     let mut server = None;
     let base = match &cfg.target {
+        Target::WriteDir(dir) => return write_bundles(dir, &cfg, &work).map(|()| true),
         Target::External { base } => base.clone(),
         Target::Spawn { database, .. } => {
             if is_postgres(database) {
@@ -1451,6 +1471,51 @@ async fn run() -> Result<bool> {
     let ok = failures.is_empty() && dedup_ok && cre_ok;
     cleanup(server, pg, &cfg.target, ok).await;
     Ok(ok)
+}
+
+/// `SENTINELLA_BENCH_WRITE_DIR`: each Bundle to `<dir>/bundle-NNNNN.json` (index from 0, at least
+/// five digits) and the configuration to `<dir>/workload.txt`. A directory that already holds
+/// Bundles is refused, so a reader that stops at the first missing file never mixes two workloads.
+fn write_bundles(dir: &std::path::Path, cfg: &Config, work: &Workload) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        ensure!(
+            !(name.starts_with("bundle-") && name.ends_with(".json")),
+            "{} already holds Bundles ({name}): use an empty or new directory",
+            dir.display()
+        );
+    }
+    let t = Instant::now();
+    for (i, body) in work.bodies.iter().enumerate() {
+        let path = dir.join(format!("bundle-{i:05}.json"));
+        std::fs::write(&path, body).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let cre_bundles = work.cre.iter().flatten().count();
+    let info = format!(
+        "N={} repeat={}% cre={}% seed={} distinct_patients={} returning={} cre_bundles={} cre_cases_expected={}\nreproduce: {}\n",
+        cfg.n,
+        cfg.repeat_pct,
+        cfg.cre_pct,
+        cfg.seed,
+        work.distinct_patients,
+        work.returning,
+        cre_bundles,
+        work.cre_expected,
+        cfg.reproduce_line()
+    );
+    std::fs::write(dir.join("workload.txt"), info)
+        .with_context(|| format!("writing {}/workload.txt", dir.display()))?;
+    let bytes: usize = work.bodies.iter().map(Vec::len).sum();
+    println!(
+        "wrote {} Bundles ({:.1} MiB) to {} in {:.2} s",
+        work.bodies.len(),
+        bytes as f64 / (1024.0 * 1024.0),
+        dir.display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// Stop the server, drop a database this run created, remove a fresh SQLite file and, after a
