@@ -1,39 +1,81 @@
 //! The official R4 JSON schema (fhir/r4/fhir.schema.json), one compiled validator per resource type so
 //! that errors carry exact paths (against the whole schema every error collapses into one `oneOf`).
-use std::collections::HashMap;
+//!
+//! Every place where the schema embeds a resource (`contained`, `Bundle.entry.resource`,
+//! `Bundle.entry.response.outcome`, `Parameters.parameter.resource`) is a `$ref` to `ResourceList`, a
+//! `oneOf` over all 146 resource types: through it each per-type validator reached 678 of the 680
+//! definitions (about 18 MB compiled, each). Those links are cut before compiling (an embedded resource
+//! only has to be an object there), each validator embeds only the definitions its type reaches
+//! (56–63), and the embedded resources are validated one by one against their own type, with their
+//! own path (`Observation.contained[0].status`). The schema is never parsed whole: each definition is
+//! kept as its text in the embedded file and parsed only while a validator that needs it is compiled.
+use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;
 
-use jsonschema::Validator;
 use jsonschema::paths::LocationSegment;
-use serde_json::{Value, json};
+use jsonschema::{Draft, Validator};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value, json};
 
 use crate::error::Issue;
 
 const SCHEMA: &str = include_str!("../../fhir/r4/fhir.schema.json");
 
-/// Types that can be validated: those served plus the envelopes the API accepts.
+/// Types that can be validated at the top level: those served plus the envelopes the API accepts.
 const VALIDATED: &[&str] = &["Bundle", "Parameters"];
 
+const DEFINITIONS: &str = "#/definitions/";
+const RESOURCE_LIST: &str = "ResourceList";
+
 pub struct SchemaValidators {
+    /// Each definition of the schema as its JSON text, borrowed from the embedded file.
+    definitions: HashMap<&'static str, &'static RawValue>,
+    /// The names of all R4 resource types (`ResourceList`).
+    resource_types: HashSet<String>,
+    /// Served types and envelopes, compiled at start (`warm_up`).
     validators: HashMap<&'static str, OnceLock<Validator>>,
-    definitions: Value,
+    /// Every other R4 resource type, met only inside another resource (a contained Device): one
+    /// validator that dispatches on `resourceType`, compiled the first time such a resource comes.
+    /// One for all keeps its memory bounded (about 12 MB, 20 MB of RSS with the transient parse)
+    /// whatever types clients send; a validator per type would be ~0.6 MB each, up to 80 MB.
+    others: OnceLock<Validator>,
 }
 
 impl SchemaValidators {
+    /// The process-wide validators: the definitions are indexed here, the validators compiled by
+    /// `warm_up` (at server start) or on first use.
     pub fn get() -> &'static SchemaValidators {
         static V: OnceLock<SchemaValidators> = OnceLock::new();
         V.get_or_init(|| {
-            let schema: Value =
-                serde_json::from_str(SCHEMA).expect("packaged R4 schema is valid JSON");
-            let types = super::SERVED_TYPES.iter().chain(VALIDATED.iter()).copied();
+            let top: HashMap<&'static str, &'static RawValue> =
+                serde_json::from_str(SCHEMA).unwrap_or_else(invalid);
+            let definitions: HashMap<&'static str, &'static RawValue> = top
+                .get("definitions")
+                .map(|d| serde_json::from_str(d.get()).unwrap_or_else(invalid))
+                .expect("packaged R4 schema has definitions");
+            let resource_types = definitions
+                .get(RESOURCE_LIST)
+                .map(|l| serde_json::from_str::<Value>(l.get()).unwrap_or_else(invalid))
+                .and_then(|l| {
+                    let refs = l["oneOf"].as_array()?.iter();
+                    Some(
+                        refs.filter_map(|r| r["$ref"].as_str()?.strip_prefix(DEFINITIONS))
+                            .map(String::from)
+                            .collect(),
+                    )
+                })
+                .unwrap_or_default();
+            let types = super::SERVED_TYPES.iter().chain(VALIDATED).copied();
             SchemaValidators {
+                definitions,
+                resource_types,
                 validators: types.map(|t| (t, OnceLock::new())).collect(),
-                definitions: schema["definitions"].clone(),
+                others: OnceLock::new(),
             }
         })
     }
 
-    /// Compile every validator now (at server start) instead of on first use.
+    /// Compile every validator of a served type now (at server start) instead of on first use.
     pub fn warm_up(&self) {
         for t in self.validators.keys() {
             self.validator(t);
@@ -45,17 +87,69 @@ impl SchemaValidators {
         Some(cell.get_or_init(|| {
             let root = json!({
                 "$schema": "http://json-schema.org/draft-06/schema#",
-                "$ref": format!("#/definitions/{resource_type}"),
-                "definitions": self.definitions,
+                "$ref": format!("{DEFINITIONS}{resource_type}"),
+                "definitions": self.reachable([resource_type]),
             });
-            jsonschema::options()
-                .with_draft(jsonschema::Draft::Draft6)
-                .build(&root)
-                .expect("packaged R4 schema compiles")
+            compile(&root, Draft::Draft6)
         }))
     }
 
-    /// Schema errors of a resource, each with the FHIRPath of the offending element.
+    /// The validator of a resource found inside another one: any R4 resource type.
+    fn embedded(&self, resource_type: &str) -> Option<&Validator> {
+        if self.validators.contains_key(resource_type) {
+            return self.validator(resource_type);
+        }
+        if !self.resource_types.contains(resource_type) {
+            return None;
+        }
+        Some(self.others.get_or_init(|| {
+            let others: Vec<&str> = self
+                .resource_types
+                .iter()
+                .map(String::as_str)
+                .filter(|t| !self.validators.contains_key(t))
+                .collect();
+            // draft-07 only for `if`/`then`; the keywords the R4 schema uses mean the same in both
+            let branches: Vec<Value> = others
+                .iter()
+                .map(|t| {
+                    json!({
+                        "if": {"properties": {"resourceType": {"const": t}}, "required": ["resourceType"]},
+                        "then": {"$ref": format!("{DEFINITIONS}{t}")},
+                    })
+                })
+                .collect();
+            let root = json!({
+                "$schema": "http://json-schema.org/draft-07/schema#",
+                "allOf": branches,
+                "definitions": self.reachable(others.iter().copied()),
+            });
+            compile(&root, Draft::Draft7)
+        }))
+    }
+
+    /// The definitions reachable from `roots` through `$ref`, parsed, with every link to
+    /// `ResourceList` replaced by a plain object schema and the descriptions dropped.
+    fn reachable<'a>(&self, roots: impl IntoIterator<Item = &'a str>) -> Map<String, Value> {
+        let mut out = Map::new();
+        let mut todo: Vec<String> = roots.into_iter().map(String::from).collect();
+        while let Some(name) = todo.pop() {
+            if out.contains_key(&name) || name == RESOURCE_LIST {
+                continue;
+            }
+            let Some(text) = self.definitions.get(name.as_str()) else {
+                continue;
+            };
+            let mut def: Value = serde_json::from_str(text.get()).unwrap_or_else(invalid);
+            unlink(&mut def);
+            refs(&def, &mut todo);
+            out.insert(name, def);
+        }
+        out
+    }
+
+    /// Schema errors of a resource, each with the FHIRPath of the offending element; the resources
+    /// inside it (contained, Bundle entries, Parameters) are checked against their own type.
     pub fn validate(&self, resource: &Value) -> Vec<Issue> {
         let Some(rt) = resource.get("resourceType").and_then(Value::as_str) else {
             return vec![Issue::error("required", "resourceType is missing", None)];
@@ -67,21 +161,279 @@ impl SchemaValidators {
                 None,
             )];
         };
-        validator
-            .iter_errors(resource)
-            .map(|e| {
-                let mut path = rt.to_string();
-                for seg in e.instance_path().iter() {
-                    match seg {
-                        LocationSegment::Property(p) => {
-                            path.push('.');
-                            path.push_str(&p);
-                        }
-                        LocationSegment::Index(i) => path.push_str(&format!("[{i}]")),
+        let mut issues = Vec::new();
+        self.check(validator, resource, rt, &mut issues);
+        issues
+    }
+
+    fn check(&self, validator: &Validator, resource: &Value, path: &str, issues: &mut Vec<Issue>) {
+        issues.extend(validator.iter_errors(resource).map(|e| {
+            let mut at = path.to_string();
+            for seg in e.instance_path().iter() {
+                match seg {
+                    LocationSegment::Property(p) => {
+                        at.push('.');
+                        at.push_str(&p);
                     }
+                    LocationSegment::Index(i) => at.push_str(&format!("[{i}]")),
                 }
-                Issue::error("structure", e.to_string(), Some(path))
-            })
+            }
+            Issue::error("structure", e.to_string(), Some(at))
+        }));
+        let mut inner = Vec::new();
+        embedded_resources(resource, path, &mut inner);
+        for (r, at) in inner {
+            self.check_embedded(r, &at, issues);
+        }
+    }
+
+    fn check_embedded(&self, resource: &Value, path: &str, issues: &mut Vec<Issue>) {
+        // not an object: the schema of the resource around it already said so
+        let Some(obj) = resource.as_object() else {
+            return;
+        };
+        let at_type = || Some(format!("{path}.resourceType"));
+        match obj.get("resourceType") {
+            None => issues.push(Issue::error(
+                "required",
+                "resourceType is missing",
+                Some(path.to_string()),
+            )),
+            Some(Value::String(rt)) => match self.embedded(rt) {
+                Some(validator) => self.check(validator, resource, path, issues),
+                None => issues.push(Issue::error(
+                    "structure",
+                    format!("'{rt}' is not an R4 resource type"),
+                    at_type(),
+                )),
+            },
+            Some(_) => issues.push(Issue::error(
+                "structure",
+                "resourceType must be a string",
+                at_type(),
+            )),
+        }
+    }
+}
+
+/// The resources directly inside `resource` (at `path`), with their paths: `contained[i]`, and for
+/// the envelopes `Bundle.entry[i].resource`, `Bundle.entry[i].response.outcome` and
+/// `Parameters.parameter[i].resource` (also within `part`).
+fn embedded_resources<'a>(resource: &'a Value, path: &str, out: &mut Vec<(&'a Value, String)>) {
+    let items = |key: &str| {
+        resource
+            .get(key)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+    };
+    for (i, r) in items("contained").enumerate() {
+        out.push((r, format!("{path}.contained[{i}]")));
+    }
+    match resource.get("resourceType").and_then(Value::as_str) {
+        Some("Bundle") => {
+            for (i, e) in items("entry").enumerate() {
+                if let Some(r) = e.get("resource") {
+                    out.push((r, format!("{path}.entry[{i}].resource")));
+                }
+                if let Some(r) = e.get("response").and_then(|r| r.get("outcome")) {
+                    out.push((r, format!("{path}.entry[{i}].response.outcome")));
+                }
+            }
+        }
+        Some("Parameters") => parameters(resource, "parameter", path, out),
+        _ => {}
+    }
+}
+
+fn parameters<'a>(owner: &'a Value, key: &str, path: &str, out: &mut Vec<(&'a Value, String)>) {
+    let params = owner
+        .get(key)
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten();
+    for (i, p) in params.enumerate() {
+        let at = format!("{path}.{key}[{i}]");
+        if let Some(r) = p.get("resource") {
+            out.push((r, format!("{at}.resource")));
+        }
+        parameters(p, "part", &at, out);
+    }
+}
+
+fn invalid<T>(e: serde_json::Error) -> T {
+    panic!("packaged R4 schema is not valid JSON: {e}")
+}
+
+fn compile(root: &Value, draft: Draft) -> Validator {
+    jsonschema::options()
+        .with_draft(draft)
+        .build(root)
+        .expect("packaged R4 schema compiles")
+}
+
+/// Replace `{"$ref": "#/definitions/ResourceList"}` by `{"type": "object"}`, drop descriptions.
+fn unlink(schema: &mut Value) {
+    match schema {
+        Value::Object(o) => {
+            if o.get("$ref")
+                .and_then(Value::as_str)
+                .and_then(|r| r.strip_prefix(DEFINITIONS))
+                == Some(RESOURCE_LIST)
+            {
+                *schema = json!({"type": "object"});
+                return;
+            }
+            // an annotation (a string); a property named `description` is an object schema
+            if o.get("description").is_some_and(Value::is_string) {
+                o.shift_remove("description");
+            }
+            o.values_mut().for_each(unlink);
+        }
+        Value::Array(a) => a.iter_mut().for_each(unlink),
+        _ => {}
+    }
+}
+
+fn refs(schema: &Value, out: &mut Vec<String>) {
+    match schema {
+        Value::Object(o) => {
+            for (k, v) in o {
+                match (k.as_str(), v) {
+                    ("$ref", Value::String(r)) => {
+                        out.extend(r.strip_prefix(DEFINITIONS).map(String::from))
+                    }
+                    _ => refs(v, out),
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ApiError;
+    use crate::fhir::resource;
+
+    fn paths(issues: &[Issue]) -> Vec<&str> {
+        issues
+            .iter()
+            .filter_map(|i| i.expression.as_deref())
             .collect()
+    }
+
+    #[test]
+    fn each_validator_embeds_only_the_definitions_its_type_reaches() {
+        let v = SchemaValidators::get();
+        assert_eq!(v.resource_types.len(), 146);
+        for t in super::super::SERVED_TYPES.iter().chain(VALIDATED) {
+            let definitions = v.reachable([*t]);
+            let n = definitions.len();
+            assert!((30..100).contains(&n), "{t} reaches {n} definitions");
+            assert!(!definitions.contains_key(RESOURCE_LIST));
+        }
+        let location = &v.reachable(["Location"])["Location"];
+        // a property named `description` is kept, only the annotations go
+        assert!(location["properties"]["description"].is_object());
+        assert!(location.get("description").is_none());
+        // where a resource was embedded, any object is accepted (it is checked on its own)
+        let entry = &v.reachable(["Bundle"])["Bundle_Entry"];
+        assert_eq!(entry["properties"]["resource"], json!({"type": "object"}));
+    }
+
+    #[test]
+    fn errors_inside_a_contained_resource_have_its_path_and_are_reported_once() {
+        let obs = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+            "subject": {"reference": "#p"},
+            "contained": [{"resourceType": "Patient", "id": "p", "gender": "banana"}]});
+        let issues = SchemaValidators::get().validate(&obs);
+        assert_eq!(
+            paths(&issues),
+            ["Observation.contained[0].gender"],
+            "{issues:?}"
+        );
+        // through the resource validation the API runs: once, with the same path
+        let Err(ApiError::Invalid { issues, .. }) = resource::validate(&obs) else {
+            panic!("must be invalid")
+        };
+        assert_eq!(
+            paths(&issues),
+            ["Observation.contained[0].gender"],
+            "{issues:?}"
+        );
+        // a valid contained resource passes
+        let mut ok = obs.clone();
+        ok["contained"][0]["gender"] = json!("female");
+        let result = resource::validate(&ok);
+        assert!(result.is_ok(), "{result:?}");
+    }
+
+    #[test]
+    fn contained_resources_of_any_type_and_malformed_ones_are_caught() {
+        let v = SchemaValidators::get();
+        // a type the server does not serve is checked against its own schema too
+        let obs = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+            "device": {"reference": "#d"},
+            "contained": [{"resourceType": "Device", "id": "d", "status": "banana", "colour": 1}]});
+        let issues = v.validate(&obs);
+        let mut found = paths(&issues);
+        found.sort_unstable();
+        assert_eq!(
+            found,
+            [
+                "Observation.contained[0]",
+                "Observation.contained[0].status"
+            ],
+            "{issues:?}"
+        );
+        let mut ok = obs.clone();
+        ok["contained"][0] = json!({"resourceType": "Device", "id": "d", "status": "active"});
+        assert!(v.validate(&ok).is_empty());
+        // not a resource at all
+        let obs = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+            "contained": [1, {"id": "x"}, {"resourceType": "Banana"}]});
+        let issues = v.validate(&obs);
+        assert_eq!(
+            paths(&issues),
+            [
+                "Observation.contained[0]",
+                "Observation.contained[1]",
+                "Observation.contained[2].resourceType"
+            ],
+            "{issues:?}"
+        );
+    }
+
+    #[test]
+    fn an_invalid_bundle_entry_resource_is_still_caught() {
+        let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"fullUrl": "urn:uuid:9a0c0a1e-7b1a-4a55-8d3e-3f9f1f0c2b11",
+             "resource": {"resourceType": "Observation", "status": "banana", "code": {"text": "x"}},
+             "request": {"method": "POST", "url": "Observation"}}]});
+        // the Bundle processor's path: the envelope without its resources, then each resource
+        let mut envelope = bundle.clone();
+        envelope["entry"][0]
+            .as_object_mut()
+            .unwrap()
+            .shift_remove("resource");
+        assert!(SchemaValidators::get().validate(&envelope).is_empty());
+        let err = resource::validate(&bundle["entry"][0]["resource"])
+            .expect_err("the entry's resource is invalid")
+            .within_entry(0);
+        assert_eq!(
+            paths(&err.issues()),
+            ["Bundle.entry[0].resource.status"],
+            "{err:?}"
+        );
+        // the whole Bundle at once reports it at the same place
+        let issues = SchemaValidators::get().validate(&bundle);
+        assert_eq!(
+            paths(&issues),
+            ["Bundle.entry[0].resource.status"],
+            "{issues:?}"
+        );
     }
 }
