@@ -7,6 +7,12 @@
 //! after that durable commit; a member that fails is rolled back to its savepoint without touching
 //! the others.
 //!
+//! The fsync happens outside the writer's turn: the writer connection runs with
+//! `synchronous=NORMAL` (in WAL mode a COMMIT then only appends to the write-ahead log) and the
+//! group's members are told only after an `fdatasync` of the log file that started after their
+//! COMMIT returned, so a 2xx still means on disk, while the next group already runs. (SQLite syncs
+//! the log itself before every checkpoint, so frames are never checkpointed unsynced.)
+//!
 //! Cancellation: the API runs writes in tasks of their own, so a client that goes away does not
 //! interrupt them; still, nothing here depends on a future running to its end. The queue counter
 //! is a guard, a statement that changes the transaction state marks the state "in doubt" until it
@@ -16,11 +22,13 @@
 //!
 //! Hand-written: sqlx has no group commit, and its Transaction type cannot nest this way.
 use std::ops::{Deref, DerefMut};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sqlx::SqliteConnection;
+use tokio::sync::mpsc::{self, error::SendError};
 use tokio::sync::{Mutex, OwnedMutexGuard, oneshot};
 
 use super::{StoreError, StoreResult};
@@ -43,6 +51,45 @@ pub struct WriterState {
     pending: Vec<oneshot::Sender<Outcome>>,
     /// When the first member of the open group released its savepoint.
     group_since: Option<Instant>,
+    wal: WalFile,
+    /// Where committed groups wait for their log sync.
+    syncer: mpsc::UnboundedSender<SyncRequest>,
+}
+
+/// The write-ahead log, opened for `fdatasync` (reopened if SQLite ever made a new one).
+struct WalFile {
+    /// `None` for an in-memory database: nothing to sync.
+    path: Option<PathBuf>,
+    open: Option<(std::fs::File, u64)>,
+}
+
+impl WalFile {
+    fn new(database: &std::path::Path) -> WalFile {
+        let memory =
+            database.as_os_str().is_empty() || database == std::path::Path::new(":memory:");
+        WalFile {
+            path: (!memory).then(|| {
+                let mut p = database.as_os_str().to_owned();
+                p.push("-wal");
+                PathBuf::from(p)
+            }),
+            open: None,
+        }
+    }
+
+    /// A handle on the current log file (the same inode SQLite writes to), or `None` in memory.
+    fn handle(&mut self) -> std::io::Result<Option<std::fs::File>> {
+        use std::os::unix::fs::MetadataExt;
+        let Some(path) = &self.path else {
+            return Ok(None);
+        };
+        let inode = std::fs::metadata(path)?.ino();
+        if self.open.as_ref().is_none_or(|(_, i)| *i != inode) {
+            self.open = Some((std::fs::File::open(path)?, inode));
+        }
+        let (file, _) = self.open.as_ref().expect("opened above");
+        Ok(Some(file.try_clone()?))
+    }
 }
 
 #[derive(Clone)]
@@ -55,6 +102,8 @@ pub struct GroupWriter {
 pub struct GroupTx {
     guard: Option<OwnedMutexGuard<WriterState>>,
     writer: GroupWriter,
+    /// When this transaction got the writer (its turn's length is logged at debug level).
+    since: Instant,
 }
 
 /// Counts a transaction as queued for the writer for as long as it lives (a dropped future
@@ -139,22 +188,82 @@ async fn repair(s: &mut WriterState) {
     }
 }
 
-/// Commit the outer transaction and tell every member of the group how it went.
+/// Commit the outer transaction and tell every member of the group how it went, once the log is
+/// on disk (the sync runs outside the writer's turn).
 async fn flush(s: &mut WriterState) {
     if !s.outer_open {
         return;
     }
+    let started = Instant::now();
     let result = step(s, "COMMIT").await.map_err(|e| e.to_string());
+    tracing::debug!(
+        members = s.pending.len(),
+        group_ms = s
+            .group_since
+            .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3),
+        commit_ms = started.elapsed().as_secs_f64() * 1e3,
+        "group committed"
+    );
     if result.is_err() {
         let _ = step(s, "ROLLBACK").await;
     }
     s.outer_open = false;
     s.group_since = None;
-    tell(std::mem::take(&mut s.pending), &result);
+    let pending = std::mem::take(&mut s.pending);
+    if let Err(e) = result {
+        tell(pending, &Err(e));
+        return;
+    }
+    let wal = s.wal.handle();
+    if let Err(SendError((pending, _))) = s.syncer.send((pending, wal)) {
+        tell(pending, &Err("the log syncer stopped".into()));
+    }
+}
+
+type SyncRequest = (
+    Vec<oneshot::Sender<Outcome>>,
+    std::io::Result<Option<std::fs::File>>,
+);
+
+/// One `fdatasync` at a time: while one runs, the groups that commit meanwhile wait for the next,
+/// which covers them all (many concurrent syncs of one file each cost the disk a journal commit).
+fn spawn_syncer() -> mpsc::UnboundedSender<SyncRequest> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<SyncRequest>();
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while let Ok(more) = rx.try_recv() {
+                batch.push(more);
+            }
+            // the newest handle: its sync covers every frame written before it started
+            let file = batch
+                .last_mut()
+                .map(|(_, f)| std::mem::replace(f, Ok(None)));
+            let synced = tokio::task::spawn_blocking(move || match file {
+                Some(Ok(Some(file))) => file.sync_data(),
+                Some(Err(e)) => Err(e),
+                _ => Ok(()),
+            })
+            .await;
+            let outcome = match synced {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "fdatasync of the SQLite log failed");
+                    Err(format!("the commit could not be made durable: {e}"))
+                }
+                Err(e) => Err(format!("the commit could not be made durable: {e}")),
+            };
+            for (members, _) in batch {
+                tell(members, &outcome);
+            }
+        }
+    });
+    tx
 }
 
 impl GroupWriter {
-    pub fn new(conn: SqliteConnection) -> Self {
+    /// `conn` must run with `synchronous=NORMAL` in WAL mode on the database file `database`.
+    pub fn new(conn: SqliteConnection, database: &std::path::Path) -> Self {
         let state = WriterState {
             conn,
             outer_open: false,
@@ -162,6 +271,8 @@ impl GroupWriter {
             in_doubt: false,
             pending: Vec::new(),
             group_since: None,
+            wal: WalFile::new(database),
+            syncer: spawn_syncer(),
         };
         GroupWriter {
             state: Arc::new(Mutex::new(state)),
@@ -189,6 +300,7 @@ impl GroupWriter {
         Ok(GroupTx {
             guard: Some(guard),
             writer: self.clone(),
+            since: Instant::now(),
         })
     }
 
@@ -214,6 +326,11 @@ impl GroupTx {
             return Err(e.into());
         }
         s.savepoint_open = false;
+        tracing::debug!(
+            turn_ms = self.since.elapsed().as_secs_f64() * 1e3,
+            queued = writer.queued(),
+            "transaction released"
+        );
         let (tx, mut rx) = oneshot::channel();
         s.pending.push(tx);
         let since = *s.group_since.get_or_insert_with(Instant::now);

@@ -105,11 +105,24 @@ impl SearchQuery {
     pub fn page_sql(&self) -> Sql {
         let mut sql = Sql::default();
         let w = self.where_clause(&mut sql);
-        let order = match self.sort {
-            Sort::LastUpdatedDesc => "r.last_updated DESC, r.id DESC",
-            Sort::LastUpdatedAsc => "r.last_updated ASC, r.id ASC",
-            Sort::IdAsc => "r.id ASC",
-            Sort::IdDesc => "r.id DESC",
+        // With an index condition the matches come from the search index: the plan must start
+        // there. Without statistics SQLite preferred walking every resource of the type in
+        // lastUpdated order (to skip the sort) and probing the condition per row, a scan that grew
+        // with the stored data (5.7 ms per identifier search at 6,000 Patients); the unary `+`
+        // keeps the ORDER BY from using that index. PostgreSQL plans from statistics either way.
+        let from_index = self.conditions.iter().any(|c| {
+            matches!(
+                c,
+                Condition::Index { negate: false, .. } | Condition::Missing { missing: false, .. }
+            )
+        });
+        let order = match (self.sort, from_index) {
+            (Sort::LastUpdatedDesc, false) => "r.last_updated DESC, r.id DESC",
+            (Sort::LastUpdatedDesc, true) => "+r.last_updated DESC, r.id DESC",
+            (Sort::LastUpdatedAsc, false) => "r.last_updated ASC, r.id ASC",
+            (Sort::LastUpdatedAsc, true) => "+r.last_updated ASC, r.id ASC",
+            (Sort::IdAsc, _) => "r.id ASC",
+            (Sort::IdDesc, _) => "r.id DESC",
         };
         let limit = sql.bind(Bind::Int(self.count));
         let offset = sql.bind(Bind::Int(self.offset));

@@ -735,11 +735,21 @@ mod sqlite {
         // SQLite has one writer at a time: one write connection, shared with group commit
         // Page caches are per connection and count in the process's memory: the writer keeps
         // the hot index pages (16 MiB), each reader 4 MiB; the OS page cache holds the rest.
+        // NORMAL on the writer: its COMMIT only appends to the log, which the group writer syncs
+        // itself outside the writer's turn before any member hears of the commit
         let writer = crate::store::group_commit::GroupWriter::new(
             base.clone()
+                .synchronous(SqliteSynchronous::Normal)
                 .pragma("cache_size", "-16384")
+                // checkpoints run beside the writer (backend::sqlite::spawn_checkpointer); this
+                // is only the safety net (16 k pages = 64 MiB of log)
+                .pragma("wal_autocheckpoint", "16384")
                 .connect()
                 .await?,
+            base.get_filename(),
+        );
+        crate::store::backend::sqlite::spawn_checkpointer(
+            base.clone().pragma("cache_size", "-1024").connect().await?,
         );
         let read = SqlitePoolOptions::new()
             .max_connections(4)
