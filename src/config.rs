@@ -83,6 +83,9 @@ pub struct Config {
     /// How often the delivery worker looks for due work written by other processes (ms).
     #[arg(long, env = "SENTINELLA_DELIVERY_POLL_MS", default_value_t = 500)]
     pub delivery_poll_ms: u64,
+    /// Days a delivered event stays available to $events before it is pruned.
+    #[arg(long, env = "SENTINELLA_EVENT_RETENTION_DAYS", default_value_t = 30)]
+    pub event_retention_days: u64,
     /// How long to wait for an endpoint, unless the subscription sets backport-timeout (ms).
     #[arg(long, env = "SENTINELLA_DELIVERY_TIMEOUT_MS", default_value_t = 10_000)]
     pub delivery_timeout_ms: u64,
@@ -106,6 +109,7 @@ impl Config {
             delivery_backoff_max_ms: 600_000,
             delivery_poll_ms: 500,
             delivery_timeout_ms: 10_000,
+            event_retention_days: 30,
         }
     }
 
@@ -117,6 +121,7 @@ impl Config {
             backoff_max: Duration::from_millis(self.delivery_backoff_max_ms),
             poll: Duration::from_millis(self.delivery_poll_ms.max(10)),
             timeout: Duration::from_millis(self.delivery_timeout_ms),
+            retention: Duration::from_secs(self.event_retention_days.saturating_mul(24 * 3600)),
         }
     }
 }

@@ -33,7 +33,22 @@ async fn visible_subscription(
     caller.check_sees(&stored)?;
     let resource =
         crate::subscriptions::parse_body(stored.body.as_deref()).ok_or_else(not_found)?;
-    let row = state.store.subscription(id).await?.ok_or_else(not_found)?;
+    let mut row = state.store.subscription(id).await?.ok_or_else(not_found)?;
+    if row.unnumbered {
+        // events wait in the outbox for the delivery lease holder, which may not come (a
+        // subscription in error): number them now, so the counts and $events are complete
+        let store = state.store.clone();
+        let sub = id.to_string();
+        state
+            .writes
+            .run(|_| async move {
+                let mut tx = store.begin().await?;
+                tx.sub_number_events(&sub).await?;
+                Ok(tx.commit().await?)
+            })
+            .await?;
+        row = state.store.subscription(id).await?.ok_or_else(not_found)?;
+    }
     Ok((resource, row))
 }
 
@@ -198,6 +213,15 @@ pub async fn events(
             }
         }
     }
+    // delivered events older than the retention are gone: say so rather than answer silently short
+    let pruned = (since <= row.pruned_count).then(|| {
+        format!(
+            "events 1 to {} were delivered and pruned after the retention period; the earliest available is {}",
+            row.pruned_count,
+            row.pruned_count + 1
+        )
+    });
+    let since = since.max(row.pruned_count + 1);
     let rows = if since <= until {
         state
             .store
@@ -210,6 +234,10 @@ pub async fn events(
     for e in rows {
         events.push(event_content(state.store.as_ref(), &spec, content, e).await?);
     }
-    let bundle = notification(&base.0, &status_of(&row), "query-event", content, &events);
+    let mut status = status_of(&row);
+    if let Some(note) = &pruned {
+        status.error = Some(note);
+    }
+    let bundle = notification(&base.0, &status, "query-event", content, &events);
     Ok(fhir_json(StatusCode::OK, &bundle))
 }

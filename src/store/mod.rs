@@ -181,6 +181,10 @@ pub struct SubscriptionRow {
     pub heartbeat_secs: Option<i64>,
     pub end_at: Option<i64>,
     pub last_error: Option<String>,
+    /// Every event up to this number was pruned (delivered and older than the retention).
+    pub pruned_count: i64,
+    /// Events are waiting in the outbox to be numbered (only `Store::subscription` fills it).
+    pub unnumbered: bool,
 }
 
 /// What a delivery attempt leaves behind (releases the lease).
@@ -345,6 +349,13 @@ pub trait StoreTx: Send {
         to: i64,
         limit: i64,
     ) -> StoreResult<Vec<EventRow>>;
+    /// Give the events waiting in the outbox of a subscription their numbers, in the order they
+    /// were appended; the new `events_count`. Only one transaction at a time numbers a subscription
+    /// (its row is locked).
+    async fn sub_number_events(&mut self, id: &str) -> StoreResult<i64>;
+    /// Delete the delivered events of a subscription that occurred before `before` (µs); the new
+    /// `pruned_count`.
+    async fn sub_prune_events(&mut self, id: &str, before: i64) -> StoreResult<i64>;
 }
 
 pub type SharedStore = Arc<dyn Store>;

@@ -51,7 +51,7 @@ fn lock_key(key: &str) -> i64 {
 /// `$writer` hands out write transactions (`$begin`) held as `$conn` (which derefs to the driver's
 /// connection) and finished by `$commit`.
 macro_rules! sql_backend {
-    ($module:ident, $db:ty, $name:literal, $lock:expr, $backend:ident, $skip_locked:literal, $writer:ty, $conn:ty, $begin:path, $commit:path) => {
+    ($module:ident, $db:ty, $name:literal, $lock:expr, $backend:ident, $skip_locked:literal, $for_update:literal, $writer:ty, $conn:ty, $begin:path, $commit:path) => {
         pub mod $module {
             use super::*;
 
@@ -69,10 +69,8 @@ macro_rules! sql_backend {
                 /// New resources (version 1) not yet sent to the database: a Bundle's creates go
                 /// out as a few multi-row INSERTs, flushed before anything reads.
                 pending: Vec<NewVersion>,
-                /// Outbox events (subscription id, focus, time), numbered and written at commit:
-                /// numbering locks the subscription's row, and taking that lock last (in id order,
-                /// so that two transactions cannot deadlock) keeps writers that fire the same
-                /// subscription from queueing behind each other's whole transaction.
+                /// Outbox events (subscription id, focus, time), appended to the outbox at commit in
+                /// the order they were caused.
                 events: Vec<(String, String, i64)>,
             }
 
@@ -110,7 +108,7 @@ macro_rules! sql_backend {
             }
 
             const SUB_COLUMNS: &str = "id, topic, owner, status, events_count, delivered_count, attempts, \
-                next_attempt_at, last_sent_at, heartbeat_secs, end_at, last_error";
+                next_attempt_at, last_sent_at, heartbeat_secs, end_at, last_error, pruned_count";
 
             fn subscription_row(r: &DbRow) -> StoreResult<SubscriptionRow> {
                 Ok(SubscriptionRow {
@@ -126,6 +124,9 @@ macro_rules! sql_backend {
                     heartbeat_secs: r.try_get("heartbeat_secs")?,
                     end_at: r.try_get("end_at")?,
                     last_error: r.try_get("last_error")?,
+                    pruned_count: r.try_get("pruned_count")?,
+                    // only the delivery worker's read asks
+                    unnumbered: r.try_get::<bool, _>("unnumbered").unwrap_or(false),
                 })
             }
 
@@ -144,6 +145,7 @@ macro_rules! sql_backend {
             /// Due: to be handshaken, with undelivered events, a heartbeat or its end reached.
             const DUE_SQL: &str = "status IN ('requested', 'active') AND next_attempt_at <= $1 AND lease_until < $1 \
                 AND (status = 'requested' OR delivered_count < events_count \
+                     OR EXISTS (SELECT 1 FROM subscription_outbox o WHERE o.subscription_id = subscriptions.id) \
                      OR (heartbeat_secs IS NOT NULL AND last_sent_at + heartbeat_secs * 1000000 <= $1) \
                      OR (end_at IS NOT NULL AND end_at <= $1))";
 
@@ -258,7 +260,10 @@ macro_rules! sql_backend {
                 }
 
                 async fn subscription(&self, id: &str) -> StoreResult<Option<SubscriptionRow>> {
-                    let sql = format!("SELECT {SUB_COLUMNS} FROM subscriptions WHERE id = $1");
+                    let sql = format!(
+                        "SELECT {SUB_COLUMNS}, EXISTS (SELECT 1 FROM subscription_outbox o WHERE o.subscription_id = $1) \
+                         AS unnumbered FROM subscriptions WHERE id = $1"
+                    );
                     let row = sqlx::query(AssertSqlSafe(sql)).bind(id).fetch_optional(&self.read).await?;
                     row.as_ref().map(subscription_row).transpose()
                 }
@@ -542,33 +547,109 @@ macro_rules! sql_backend {
 
                 async fn commit(mut self: Box<Self>) -> StoreResult<()> {
                     self.flush().await?;
-                    let mut events = std::mem::take(&mut self.events);
-                    // stable: one subscription's events keep the order they were caused in
-                    events.sort_by(|a, b| a.0.cmp(&b.0));
-                    for group in events.chunk_by(|a, b| a.0 == b.0) {
-                        let id = &group[0].0;
-                        let row = sqlx::query(
-                            "UPDATE subscriptions SET events_count = events_count + $2 WHERE id = $1 RETURNING events_count",
+                    // appended in a global sequence, numbered later by the delivery lease holder:
+                    // no subscription row is locked here
+                    for (id, focus, at) in std::mem::take(&mut self.events) {
+                        sqlx::query(
+                            "INSERT INTO subscription_outbox (subscription_id, focus, occurred_at) VALUES ($1, $2, $3)",
                         )
                         .bind(id)
-                        .bind(group.len() as i64)
-                        .fetch_one(&mut *self.tx)
+                        .bind(focus)
+                        .bind(at)
+                        .execute(&mut *self.tx)
                         .await?;
-                        let last: i64 = row.try_get(0)?;
-                        let first = last - group.len() as i64 + 1;
-                        for (n, (_, focus, at)) in group.iter().enumerate() {
-                            sqlx::query(
-                                "INSERT INTO subscription_events (subscription_id, event_number, focus, occurred_at) VALUES ($1, $2, $3, $4)",
-                            )
-                            .bind(id)
-                            .bind(first + n as i64)
-                            .bind(focus)
-                            .bind(at)
-                            .execute(&mut *self.tx)
-                            .await?;
-                        }
                     }
                     $commit(self.tx).await
+                }
+
+                async fn sub_number_events(&mut self, id: &str) -> StoreResult<i64> {
+                    self.flush().await?;
+                    let sql = format!("SELECT events_count FROM subscriptions WHERE id = $1{}", $for_update);
+                    let Some(row) = sqlx::query(AssertSqlSafe(sql)).bind(id).fetch_optional(&mut *self.tx).await? else {
+                        return Ok(0);
+                    };
+                    let count: i64 = row.try_get(0)?;
+                    let waiting = sqlx::query(
+                        "SELECT seq, focus, occurred_at FROM subscription_outbox WHERE subscription_id = $1 ORDER BY seq LIMIT 500",
+                    )
+                    .bind(id)
+                    .fetch_all(&mut *self.tx)
+                    .await?;
+                    if waiting.is_empty() {
+                        return Ok(count);
+                    }
+                    let mut number = count;
+                    let mut numbered = Vec::with_capacity(waiting.len());
+                    for w in &waiting {
+                        number += 1;
+                        let seq: i64 = w.try_get("seq")?;
+                        sqlx::query(
+                            "INSERT INTO subscription_events (subscription_id, event_number, focus, occurred_at) VALUES ($1, $2, $3, $4)",
+                        )
+                        .bind(id)
+                        .bind(number)
+                        .bind(w.try_get::<String, _>("focus")?)
+                        .bind(w.try_get::<i64, _>("occurred_at")?)
+                        .execute(&mut *self.tx)
+                        .await?;
+                        numbered.push(seq);
+                    }
+                    // by sequence number, not by range: on PostgreSQL a lower number may commit later
+                    for chunk in numbered.chunks(100) {
+                        let mut binds = vec![Bind::Text(id.to_string())];
+                        let marks: Vec<String> = chunk
+                            .iter()
+                            .map(|seq| {
+                                binds.push(Bind::Int(*seq));
+                                format!("${}", binds.len())
+                            })
+                            .collect();
+                        let sql = format!(
+                            "DELETE FROM subscription_outbox WHERE subscription_id = $1 AND seq IN ({})",
+                            marks.join(",")
+                        );
+                        bind_all(sqlx::query(AssertSqlSafe(sql)), &binds).execute(&mut *self.tx).await?;
+                    }
+                    sqlx::query("UPDATE subscriptions SET events_count = $2 WHERE id = $1")
+                        .bind(id)
+                        .bind(number)
+                        .execute(&mut *self.tx)
+                        .await?;
+                    Ok(number)
+                }
+
+                async fn sub_prune_events(&mut self, id: &str, before: i64) -> StoreResult<i64> {
+                    self.flush().await?;
+                    let row = sqlx::query(
+                        "SELECT MAX(event_number) FROM subscription_events e JOIN subscriptions s ON s.id = e.subscription_id \
+                         WHERE e.subscription_id = $1 AND e.event_number <= s.delivered_count AND e.occurred_at < $2",
+                    )
+                    .bind(id)
+                    .bind(before)
+                    .fetch_one(&mut *self.tx)
+                    .await?;
+                    let Some(upto) = row.try_get::<Option<i64>, _>(0)? else {
+                        let row = sqlx::query("SELECT pruned_count FROM subscriptions WHERE id = $1")
+                            .bind(id)
+                            .fetch_optional(&mut *self.tx)
+                            .await?;
+                        return Ok(match row {
+                            Some(r) => r.try_get(0)?,
+                            None => 0,
+                        });
+                    };
+                    // events are delivered in order: everything up to `upto` went out
+                    sqlx::query("DELETE FROM subscription_events WHERE subscription_id = $1 AND event_number <= $2")
+                        .bind(id)
+                        .bind(upto)
+                        .execute(&mut *self.tx)
+                        .await?;
+                    sqlx::query("UPDATE subscriptions SET pruned_count = $2 WHERE id = $1 AND pruned_count < $2")
+                        .bind(id)
+                        .bind(upto)
+                        .execute(&mut *self.tx)
+                        .await?;
+                    Ok(upto)
                 }
 
                 async fn cre_isolate(&mut self, isolate_id: &str) -> StoreResult<Option<IsolateState>> {
@@ -689,6 +770,7 @@ sql_backend!(
     None,
     sqlite,
     "",
+    "",
     crate::store::group_commit::GroupWriter,
     crate::store::group_commit::GroupTx,
     crate::store::group_commit::GroupWriter::begin,
@@ -701,6 +783,7 @@ sql_backend!(
     Some("SELECT pg_advisory_xact_lock($1)"),
     postgres,
     " FOR UPDATE SKIP LOCKED",
+    " FOR UPDATE",
     sqlx::PgPool,
     sqlx::Transaction<'static, sqlx::Postgres>,
     postgres::begin,

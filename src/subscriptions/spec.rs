@@ -290,6 +290,8 @@ impl Spec {
             heartbeat_secs: self.heartbeat_secs,
             end_at: self.end_at,
             last_error: None,
+            pruned_count: 0,
+            unnumbered: false,
         }
     }
 }

@@ -47,6 +47,8 @@ pub struct DeliverySettings {
     pub backoff_max: Duration,
     pub poll: Duration,
     pub timeout: Duration,
+    /// Delivered events older than this are pruned from the outbox ($events no longer has them).
+    pub retention: Duration,
 }
 
 impl Default for DeliverySettings {
@@ -57,6 +59,7 @@ impl Default for DeliverySettings {
             backoff_max: Duration::from_secs(600),
             poll: Duration::from_millis(500),
             timeout: Duration::from_secs(10),
+            retention: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -266,6 +269,14 @@ impl Worker {
         }
     }
 
+    /// Delete what was delivered longer ago than the retention (once per lease).
+    async fn prune(&self, id: &str) -> StoreResult<()> {
+        let cutoff = now_micros() - self.settings.retention.as_micros() as i64;
+        let mut tx = self.store.begin().await?;
+        tx.sub_prune_events(id, cutoff).await?;
+        tx.commit().await
+    }
+
     /// Send an active subscription's events in order (and heartbeats) while it holds the lease.
     async fn deliver(&self, mut row: SubscriptionRow) -> StoreResult<()> {
         let started = Instant::now();
@@ -273,10 +284,18 @@ impl Worker {
         let mut delivered = row.delivered_count;
         let mut last_sent = row.last_sent_at;
         let mut sent_any = false;
+        self.prune(&row.id).await?;
         let (progress, committer) = self.progress_committer(&row.id, delivered, last_sent);
         let mut idle = Instant::now();
         let stop = 'serve: loop {
             wake.mark_unchanged();
+            if row.unnumbered {
+                // only the lease holder numbers: one numbering per subscription at a time
+                let mut tx = self.store.begin().await?;
+                row.events_count = tx.sub_number_events(&row.id).await?;
+                tx.commit().await?;
+                row.unnumbered = false;
+            }
             let now = now_micros();
             let heartbeat_due = row
                 .heartbeat_secs

@@ -819,4 +819,10 @@ impl StoreTx for SurveillanceTx {
     ) -> StoreResult<Vec<EventRow>> {
         self.inner.sub_events(id, from, to, limit).await
     }
+    async fn sub_number_events(&mut self, id: &str) -> StoreResult<i64> {
+        self.inner.sub_number_events(id).await
+    }
+    async fn sub_prune_events(&mut self, id: &str, before: i64) -> StoreResult<i64> {
+        self.inner.sub_prune_events(id, before).await
+    }
 }
