@@ -133,7 +133,7 @@ impl Principal {
         match self.scope(rt) {
             None => true,
             Some(conditions) => {
-                let entries = Definitions::get().search.extract(resource);
+                let entries = Definitions::get().search.extract_all(resource);
                 let id = resource["id"].as_str().unwrap_or_default();
                 conditions.iter().all(|c| c.matches(id, &entries))
             }

@@ -150,3 +150,47 @@ on_both_databases! {
         assert_eq!(app.get("/fhir/Patient?_sort=name").await.status, StatusCode::BAD_REQUEST);
     }
 }
+
+on_both_databases! {
+    async fn parameters_that_share_a_path_find_what_the_other_stores(app) {
+        // `patient` is `subject` restricted to Patient references; `combo-code` is `code` plus the
+        // components' codes: those values are stored once, and each parameter still finds them
+        let patient = app.post("/fhir/Patient", &json!({"resourceType": "Patient", "name": [{"family": "Galli"}]})).await;
+        assert_eq!(patient.status, StatusCode::CREATED, "{}", patient.text);
+        let pid = patient.body["id"].as_str().unwrap().to_string();
+        let place = app.post("/fhir/Location", &json!({"resourceType": "Location", "name": "Reparto"})).await;
+        assert_eq!(place.status, StatusCode::CREATED, "{}", place.text);
+        let lid = place.body["id"].as_str().unwrap().to_string();
+        let bp = |subject: String| json!({
+            "resourceType": "Observation", "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9"}]},
+            "subject": {"reference": subject},
+            "component": [{"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+                           "valueQuantity": {"value": 120, "unit": "mm[Hg]"}}]
+        });
+        let r = app.post("/fhir/Observation", &bp(format!("Patient/{pid}"))).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        let obs = r.body["id"].as_str().unwrap().to_string();
+        let n = |b: &Value| b["total"].as_i64().unwrap();
+        assert_eq!(n(&app.get(&format!("/fhir/Observation?patient={pid}")).await.body), 1);
+        assert_eq!(n(&app.get(&format!("/fhir/Observation?patient=Patient/{pid}")).await.body), 1);
+        assert_eq!(n(&app.get(&format!("/fhir/Observation?subject={pid}")).await.body), 1);
+        assert_eq!(n(&app.get("/fhir/Observation?patient:missing=false").await.body), 1);
+        assert_eq!(n(&app.get("/fhir/Observation?patient:missing=true").await.body), 0);
+        assert_eq!(n(&app.get("/fhir/Observation?combo-code=85354-9").await.body), 1);
+        assert_eq!(n(&app.get("/fhir/Observation?combo-code=8480-6").await.body), 1);
+        assert_eq!(n(&app.get("/fhir/Observation?code=8480-6").await.body), 0);
+        assert_eq!(n(&app.get("/fhir/Observation?combo-code:not=85354-9").await.body), 0);
+        // _include and _revinclude through the shared rows
+        let inc = app.get(&format!("/fhir/Observation?_id={obs}&_include=Observation:patient")).await;
+        assert_eq!(ids(&inc.body, "Patient"), vec![pid.clone()], "{}", inc.text);
+        let rev = app.get(&format!("/fhir/Patient?_id={pid}&_revinclude=Observation:patient")).await;
+        assert_eq!(ids(&rev.body, "Observation"), vec![obs.clone()], "{}", rev.text);
+        // a subject that is not a Patient is no `patient`
+        let r = app.post("/fhir/Observation", &bp(format!("Location/{lid}"))).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        assert_eq!(n(&app.get(&format!("/fhir/Observation?subject=Location/{lid}")).await.body), 1);
+        assert_eq!(n(&app.get("/fhir/Observation?patient:missing=true").await.body), 1);
+        assert_eq!(n(&app.get(&format!("/fhir/Observation?patient={lid}")).await.body), 0);
+    }
+}

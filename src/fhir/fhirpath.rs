@@ -130,6 +130,20 @@ fn split_dots(path: &str) -> Vec<&str> {
 }
 
 impl PathExpr {
+    /// The same path without a final `where(resolve() is T)`, and `T`.
+    pub fn without_resolve_is(&self) -> Option<(PathExpr, &str)> {
+        match self.steps.last()? {
+            Step::ResolveIs(t) => Some((
+                PathExpr {
+                    resource_type: self.resource_type.clone(),
+                    steps: self.steps[..self.steps.len() - 1].to_vec(),
+                },
+                t.as_str(),
+            )),
+            _ => None,
+        }
+    }
+
     /// Evaluate on a resource; `type_suffixes` are the capitalised R4 type names that may end a
     /// choice key (`valueQuantity`), so `status` never matches `statusReason`.
     pub fn evaluate<'a>(

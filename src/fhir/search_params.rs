@@ -71,6 +71,83 @@ pub struct SearchParamRegistry {
     /// resource type → code → parameter (BTreeMap: CapabilityStatement lists them in a stable order)
     by_type: HashMap<String, BTreeMap<String, SearchParam>>,
     type_suffixes: HashSet<String>,
+    /// (resource type, code) → how the parameter shares another's index rows.
+    shared: HashMap<(String, String), Sharing>,
+}
+
+/// A parameter whose values are, in part or whole, those of another parameter of the same type:
+/// those values are stored once, under the other, and a search looks under both. `patient` is
+/// `subject` restricted to Patient references; `combo-code` is `code` plus the components' codes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sharing {
+    /// The parameter that stores the shared values.
+    pub base: String,
+    /// Indexes of this parameter's paths that the base stores (all of them for a restriction).
+    skip: Vec<usize>,
+    /// A restriction to references of this type: a search filters the base's rows by it.
+    pub reference_type: Option<String>,
+}
+
+/// How a search finds a parameter's rows: under these parameter codes, and for a restriction
+/// only references of this type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredAs {
+    pub params: Vec<String>,
+    pub reference_type: Option<String>,
+}
+
+/// Find, for each parameter of one type, another of the same kind it shares paths with.
+fn sharing_of(params: &BTreeMap<String, SearchParam>) -> Vec<(String, Sharing)> {
+    let mut out = Vec::new();
+    for (code, p) in params {
+        for (base_code, b) in params {
+            if base_code == code || b.kind != p.kind || b.paths.is_empty() {
+                continue;
+            }
+            // a restriction: every path is one of the base's with `where(resolve() is T)`
+            let stripped: Option<Vec<(PathExpr, &str)>> =
+                p.paths.iter().map(|x| x.without_resolve_is()).collect();
+            if let Some(stripped) = stripped
+                && stripped.len() == b.paths.len()
+                && stripped.iter().all(|(x, _)| b.paths.contains(x))
+                && stripped.windows(2).all(|w| w[0].1 == w[1].1)
+                && b.paths.iter().all(|x| x.without_resolve_is().is_none())
+            {
+                out.push((
+                    code.clone(),
+                    Sharing {
+                        base: base_code.clone(),
+                        skip: (0..p.paths.len()).collect(),
+                        reference_type: stripped.first().map(|(_, t)| t.to_string()),
+                    },
+                ));
+                break;
+            }
+            // a superset: every path of the base is one of this parameter's, and it has more
+            if p.paths.len() > b.paths.len() && b.paths.iter().all(|x| p.paths.contains(x)) {
+                let skip = p
+                    .paths
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, x)| b.paths.contains(x))
+                    .map(|(i, _)| i)
+                    .collect();
+                out.push((
+                    code.clone(),
+                    Sharing {
+                        base: base_code.clone(),
+                        skip,
+                        reference_type: None,
+                    },
+                ));
+                break;
+            }
+        }
+    }
+    // a base must store its own rows: drop sharing whose base shares in turn
+    let sharing: HashSet<String> = out.iter().map(|(c, _)| c.clone()).collect();
+    out.retain(|(_, s)| !sharing.contains(&s.base));
+    out
 }
 
 /// `_profile` is a Resource-level parameter; it is indexed for every type.
@@ -149,9 +226,34 @@ impl SearchParamRegistry {
                 .insert(PROFILE_PARAM.into(), profile);
         }
         let type_suffixes = TYPE_NAMES.iter().map(|s| s.to_string()).collect();
+        let mut shared = HashMap::new();
+        for (rt, params) in &by_type {
+            for (code, sharing) in sharing_of(params) {
+                shared.insert((rt.clone(), code), sharing);
+            }
+        }
         SearchParamRegistry {
             by_type,
             type_suffixes,
+            shared,
+        }
+    }
+
+    /// Where a search finds the rows of `code` (see `Sharing`). Rows written before sharing
+    /// existed are under the parameter's own code, which is always searched too.
+    pub fn stored_as(&self, resource_type: &str, code: &str) -> StoredAs {
+        match self
+            .shared
+            .get(&(resource_type.to_string(), code.to_string()))
+        {
+            Some(s) => StoredAs {
+                params: vec![code.to_string(), s.base.clone()],
+                reference_type: s.reference_type.clone(),
+            },
+            None => StoredAs {
+                params: vec![code.to_string()],
+                reference_type: None,
+            },
         }
     }
 
@@ -166,14 +268,31 @@ impl SearchParamRegistry {
             .flat_map(|m| m.values())
     }
 
-    /// Every index entry of a resource, over all parameters of its type.
+    /// The index rows to store for a resource: every parameter's entries, except the values a
+    /// parameter shares with another, stored once under that other (see `Sharing`).
     pub fn extract(&self, resource: &Value) -> Vec<IndexEntry> {
+        self.entries(resource, true)
+    }
+
+    /// Every parameter's entries, shared values included: for judging a resource in memory
+    /// (access scopes, subscription topics and filters), where each parameter is looked up by name.
+    pub fn extract_all(&self, resource: &Value) -> Vec<IndexEntry> {
+        self.entries(resource, false)
+    }
+
+    fn entries(&self, resource: &Value, share: bool) -> Vec<IndexEntry> {
         let Some(rt) = resource["resourceType"].as_str() else {
             return vec![];
         };
         let mut out = Vec::new();
         for param in self.for_type(rt) {
-            for path in &param.paths {
+            let sharing = share
+                .then(|| self.shared.get(&(rt.to_string(), param.code.clone())))
+                .flatten();
+            for (i, path) in param.paths.iter().enumerate() {
+                if sharing.is_some_and(|s| s.skip.contains(&i)) {
+                    continue; // stored under the base parameter
+                }
                 for node in path.evaluate(resource, &self.type_suffixes) {
                     for value in index_values(param.kind, node) {
                         let entry = IndexEntry {
@@ -367,7 +486,9 @@ mod tests {
             })
         };
         assert!(has("code", "600-7"));
-        assert!(has("patient", "Patient/p1"));
+        // shared: `patient` is found through `subject`, `combo-code` through `code`
+        assert!(!has("patient", "Patient/p1"));
+        assert!(!has("combo-code", "600-7"));
         assert!(has("subject", "Patient/p1"));
         assert!(has("specimen", "Specimen/s1"));
         assert!(has("has-member", "Observation/o2"));
@@ -377,6 +498,46 @@ mod tests {
                 .iter()
                 .any(|e| e.param == "date" && matches!(e.value, IndexValue::Date(_)))
         );
+    }
+
+    #[test]
+    fn parameters_with_a_shared_path_store_it_once() {
+        let search = &Definitions::get().search;
+        let patient = search.stored_as("Observation", "patient");
+        assert_eq!(patient.params, ["patient", "subject"]);
+        assert_eq!(patient.reference_type.as_deref(), Some("Patient"));
+        let combo = search.stored_as("Observation", "combo-code");
+        assert_eq!(combo.params, ["combo-code", "code"]);
+        assert_eq!(combo.reference_type, None);
+        // the component codes are combo-code's own rows
+        let obs = json!({
+            "resourceType": "Observation", "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9"}]},
+            "component": [{"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]}}]
+        });
+        let entries = search.extract(&obs);
+        let rows = |p: &str| {
+            entries
+                .iter()
+                .filter(|e| e.param == p)
+                .filter_map(|e| match &e.value {
+                    IndexValue::Text { value, .. } => Some(value.as_str()),
+                    IndexValue::Date(_) => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(rows("code"), ["85354-9"]);
+        assert_eq!(rows("combo-code"), ["8480-6"]);
+        // a parameter of its own is its own
+        let status = search.stored_as("Observation", "status");
+        assert_eq!(status.params, ["status"]);
+        let mut shared: Vec<String> = search
+            .shared
+            .iter()
+            .map(|((rt, code), s)| format!("{rt}.{code}->{}", s.base))
+            .collect();
+        shared.sort();
+        println!("{}", shared.join("\n"));
     }
 
     #[test]

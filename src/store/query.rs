@@ -88,6 +88,27 @@ fn like_escape(s: &str) -> String {
         .replace('_', "\\_")
 }
 
+/// The search-index rows of a parameter of `rt`: its own, and those of the parameter it shares
+/// values with (`SearchParamRegistry::stored_as`: `patient` is `subject`'s Patient references).
+pub fn param_filter(rt: &str, param: &str, sql: &mut Sql) -> String {
+    let stored = crate::fhir::Definitions::get().search.stored_as(rt, param);
+    let marks: Vec<String> = stored
+        .params
+        .into_iter()
+        .map(|p| sql.bind(Bind::Text(p)))
+        .collect();
+    let mut filter = if marks.len() == 1 {
+        format!("s.param = {}", marks[0])
+    } else {
+        format!("s.param IN ({})", marks.join(", "))
+    };
+    if let Some(t) = stored.reference_type {
+        let prefix = sql.bind(Bind::Text(format!("{}/%", like_escape(&t))));
+        filter.push_str(&format!(" AND s.value LIKE {prefix} ESCAPE '\\'"));
+    }
+    filter
+}
+
 impl SearchQuery {
     fn where_clause(&self, sql: &mut Sql) -> String {
         let mut parts = vec![format!(
@@ -180,21 +201,21 @@ fn condition_sql(rt: &str, c: &Condition, sql: &mut Sql) -> String {
             any_of,
             negate,
         } => {
-            let p = sql.bind(Bind::Text(param.clone()));
+            let p = param_filter(rt, param, sql);
             let ors: Vec<String> = any_of.iter().map(|m| match_sql(m, sql)).collect();
             let not = if *negate { "NOT " } else { "" };
             let t = sql.bind(Bind::Text(rt.to_string()));
             format!(
-                "r.id {not}IN (SELECT s.id FROM search_index s WHERE s.resource_type = {t} AND s.param = {p} AND ({}))",
+                "r.id {not}IN (SELECT s.id FROM search_index s WHERE s.resource_type = {t} AND {p} AND ({}))",
                 ors.join(" OR ")
             )
         }
         Condition::Missing { param, missing } => {
-            let p = sql.bind(Bind::Text(param.clone()));
+            let p = param_filter(rt, param, sql);
             let not = if *missing { "NOT " } else { "" };
             let t = sql.bind(Bind::Text(rt.to_string()));
             format!(
-                "r.id {not}IN (SELECT s.id FROM search_index s WHERE s.resource_type = {t} AND s.param = {p})"
+                "r.id {not}IN (SELECT s.id FROM search_index s WHERE s.resource_type = {t} AND {p})"
             )
         }
     }

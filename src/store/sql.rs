@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use sqlx::{AssertSqlSafe, Row};
 
 use super::backend::index_rows;
-use super::query::{Bind, COLUMNS, SearchQuery, Sql};
+use super::query::{Bind, COLUMNS, SearchQuery, Sql, param_filter};
 use super::{
     CaseKey, CaseRow, DeliveryState, EventRow, HistoryQuery, IsolateState, NewVersion, SearchPage,
     SharedStore, Store, StoreError, StoreResult, StoreTx, StoredResource, SubscriptionRow,
@@ -288,17 +288,18 @@ macro_rules! sql_backend {
                 async fn references_of(&self, resource_type: &str, param: &str, ids: &[String]) -> StoreResult<Vec<String>> {
                     let mut out = Vec::new();
                     for chunk in ids.chunks(200) {
-                        let mut binds = vec![Bind::Text(resource_type.into()), Bind::Text(param.into())];
+                        let mut sql = Sql { text: String::new(), binds: vec![Bind::Text(resource_type.into())] };
+                        let p = param_filter(resource_type, param, &mut sql);
                         let mut marks = Vec::new();
                         for id in chunk {
-                            binds.push(Bind::Text(id.clone()));
-                            marks.push(format!("${}", binds.len()));
+                            sql.binds.push(Bind::Text(id.clone()));
+                            marks.push(format!("${}", sql.binds.len()));
                         }
                         let text = format!(
-                            "SELECT DISTINCT value FROM search_index WHERE resource_type = $1 AND param = $2 AND id IN ({})",
+                            "SELECT DISTINCT s.value FROM search_index s WHERE s.resource_type = $1 AND {p} AND s.id IN ({})",
                             marks.join(",")
                         );
-                        let rows = bind_all(sqlx::query(AssertSqlSafe(text)), &binds).fetch_all(&self.read).await?;
+                        let rows = bind_all(sqlx::query(AssertSqlSafe(text)), &sql.binds).fetch_all(&self.read).await?;
                         for row in rows {
                             out.push(row.try_get::<String, _>(0)?);
                         }
@@ -314,7 +315,8 @@ macro_rules! sql_backend {
                 ) -> StoreResult<Vec<StoredResource>> {
                     let mut out = Vec::new();
                     for chunk in targets.chunks(200) {
-                        let mut sql = Sql { text: String::new(), binds: vec![Bind::Text(source_type.into()), Bind::Text(param.into())] };
+                        let mut sql = Sql { text: String::new(), binds: vec![Bind::Text(source_type.into())] };
+                        let p = param_filter(source_type, param, &mut sql);
                         let mut marks = Vec::new();
                         for t in chunk {
                             sql.binds.push(Bind::Text(t.clone()));
@@ -323,7 +325,7 @@ macro_rules! sql_backend {
                         sql.text = format!(
                             "SELECT {COLUMNS} FROM resources r WHERE r.resource_type = $1 AND r.deleted = FALSE AND EXISTS \
                              (SELECT 1 FROM search_index s WHERE s.resource_type = r.resource_type AND s.id = r.id \
-                             AND s.param = $2 AND s.value IN ({}))",
+                             AND {p} AND s.value IN ({}))",
                             marks.join(",")
                         );
                         out.extend(fetch(&self.read, sql).await?);

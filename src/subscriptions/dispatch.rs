@@ -70,8 +70,8 @@ impl Dispatcher {
             (None, None) => return Ok(()),
         };
         let registry = &Definitions::get().search;
-        let before: Option<Vec<IndexEntry>> = previous.map(|p| registry.extract(p));
-        let after: Option<Vec<IndexEntry>> = current.map(|c| registry.extract(c));
+        let before: Option<Vec<IndexEntry>> = previous.map(|p| registry.extract_all(p));
+        let after: Option<Vec<IndexEntry>> = current.map(|c| registry.extract_all(c));
         let focus = format!("{rt}/{id}/_history/{version}");
         let now = now_micros();
         for topic in watching {

@@ -265,7 +265,7 @@ mod tests {
         let c = json!({"resourceType": "Communication", "id": "c1", "status": status,
             "meta": {"profile": [format!("{CANON}/StructureDefinition/notifica-caso")]},
             "category": [{"coding": [{"system": format!("{CANON}/CodeSystem/tipo-notifica"), "code": category}]}]});
-        Definitions::get().search.extract(&c)
+        Definitions::get().search.extract_all(&c)
     }
 
     #[test]

@@ -58,6 +58,11 @@ impl<'t> Reader<'t> {
         self.cache.insert(key, body);
     }
 
+    /// Created in this transaction with a server-assigned id: nothing stored before refers to it.
+    pub fn is_fresh(&self, rt: &str, id: &str) -> bool {
+        self.fresh.contains(&(rt.to_string(), id.to_string()))
+    }
+
     /// The current, not deleted, version of `Type/id`, parsed.
     pub async fn read(&mut self, rt: &str, id: &str) -> StoreResult<Option<Arc<Value>>> {
         let key = (rt.to_string(), id.to_string());

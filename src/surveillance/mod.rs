@@ -248,7 +248,12 @@ impl Engine {
         let mut keys = BTreeSet::new();
         let mut decided: HashMap<String, Option<Finding>> = HashMap::new();
         for id in candidates {
-            let previous = reader.tx.cre_isolate(&id).await?;
+            // an isolate created by this transaction has no recorded state yet: no query
+            let previous = if reader.is_fresh("Observation", &id) {
+                None
+            } else {
+                reader.tx.cre_isolate(&id).await?
+            };
             if previous.is_none()
                 && reader
                     .read("Observation", &id)
