@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::SqliteConnection;
 use tokio::sync::mpsc::{self, error::SendError};
-use tokio::sync::{Mutex, OwnedMutexGuard, oneshot};
+use tokio::sync::{Mutex, OwnedMutexGuard, oneshot, watch};
 
 use super::{StoreError, StoreResult};
 
@@ -51,9 +51,12 @@ pub struct WriterState {
     pending: Vec<oneshot::Sender<Outcome>>,
     /// When the first member of the open group released its savepoint.
     group_since: Option<Instant>,
+    /// Counts committed groups: a member knows whether its group was committed yet.
+    groups: u64,
     wal: WalFile,
     /// Where committed groups wait for their log sync.
     syncer: mpsc::UnboundedSender<SyncRequest>,
+    committed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The write-ahead log, opened for `fdatasync` (reopened if SQLite ever made a new one).
@@ -95,6 +98,9 @@ impl WalFile {
 #[derive(Clone)]
 pub struct GroupWriter {
     state: Arc<Mutex<WriterState>>,
+    /// Groups committed (visible to readers) and groups known to be on disk.
+    committed: Arc<std::sync::atomic::AtomicU64>,
+    synced: watch::Sender<u64>,
     /// Transactions queued for the writer: while there are some, a commit leaves the fsync to them.
     waiting: Arc<AtomicUsize>,
 }
@@ -171,6 +177,7 @@ async fn repair(s: &mut WriterState) {
         s.outer_open = false;
         s.savepoint_open = false;
         s.group_since = None;
+        s.groups += 1;
         return;
     }
     if s.savepoint_open {
@@ -209,13 +216,15 @@ async fn flush(s: &mut WriterState) {
     }
     s.outer_open = false;
     s.group_since = None;
+    s.groups += 1;
+    s.committed.store(s.groups, Ordering::SeqCst);
     let pending = std::mem::take(&mut s.pending);
     if let Err(e) = result {
         tell(pending, &Err(e));
         return;
     }
     let wal = s.wal.handle();
-    if let Err(SendError((pending, _))) = s.syncer.send((pending, wal)) {
+    if let Err(SendError((pending, _, _))) = s.syncer.send((pending, wal, s.groups)) {
         tell(pending, &Err("the log syncer stopped".into()));
     }
 }
@@ -223,11 +232,12 @@ async fn flush(s: &mut WriterState) {
 type SyncRequest = (
     Vec<oneshot::Sender<Outcome>>,
     std::io::Result<Option<std::fs::File>>,
+    u64,
 );
 
 /// One `fdatasync` at a time: while one runs, the groups that commit meanwhile wait for the next,
 /// which covers them all (many concurrent syncs of one file each cost the disk a journal commit).
-fn spawn_syncer() -> mpsc::UnboundedSender<SyncRequest> {
+fn spawn_syncer(on_disk: watch::Sender<u64>) -> mpsc::UnboundedSender<SyncRequest> {
     let (tx, mut rx) = mpsc::unbounded_channel::<SyncRequest>();
     tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
@@ -238,7 +248,8 @@ fn spawn_syncer() -> mpsc::UnboundedSender<SyncRequest> {
             // the newest handle: its sync covers every frame written before it started
             let file = batch
                 .last_mut()
-                .map(|(_, f)| std::mem::replace(f, Ok(None)));
+                .map(|(_, f, _)| std::mem::replace(f, Ok(None)));
+            let newest = batch.last().map_or(0, |(_, _, g)| *g);
             let synced = tokio::task::spawn_blocking(move || match file {
                 Some(Ok(Some(file))) => file.sync_data(),
                 Some(Err(e)) => Err(e),
@@ -253,7 +264,14 @@ fn spawn_syncer() -> mpsc::UnboundedSender<SyncRequest> {
                 }
                 Err(e) => Err(format!("the commit could not be made durable: {e}")),
             };
-            for (members, _) in batch {
+            if outcome.is_ok() {
+                on_disk.send_if_modified(|v| {
+                    let newer = newest > *v;
+                    *v = (*v).max(newest);
+                    newer
+                });
+            }
+            for (members, _, _) in batch {
                 tell(members, &outcome);
             }
         }
@@ -264,6 +282,8 @@ fn spawn_syncer() -> mpsc::UnboundedSender<SyncRequest> {
 impl GroupWriter {
     /// `conn` must run with `synchronous=NORMAL` in WAL mode on the database file `database`.
     pub fn new(conn: SqliteConnection, database: &std::path::Path) -> Self {
+        let committed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let synced = watch::Sender::new(0);
         let state = WriterState {
             conn,
             outer_open: false,
@@ -271,13 +291,25 @@ impl GroupWriter {
             in_doubt: false,
             pending: Vec::new(),
             group_since: None,
+            groups: 0,
             wal: WalFile::new(database),
-            syncer: spawn_syncer(),
+            syncer: spawn_syncer(synced.clone()),
+            committed: committed.clone(),
         };
         GroupWriter {
             state: Arc::new(Mutex::new(state)),
+            committed,
+            synced,
             waiting: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// Wait until everything committed so far is on disk. Readers see a group from its COMMIT,
+    /// a moment before its sync: what leaves the server (a delivered event) waits for this.
+    pub async fn durable(&self) {
+        let target = self.committed.load(Ordering::SeqCst);
+        let mut synced = self.synced.subscribe();
+        let _ = synced.wait_for(|v| *v >= target).await;
     }
 
     /// Transactions waiting for the writer now.
@@ -304,15 +336,19 @@ impl GroupWriter {
         })
     }
 
-    /// Commit the open group now if it still has members waiting (a member whose group nobody
-    /// committed within the bound calls this).
-    async fn commit_stale_group(&self) {
+    /// Commit group number `group` now if it is still open (its member waited the bound and
+    /// nobody committed it); `false` once it was committed (its member then waits for the sync).
+    async fn commit_if_open(&self, group: u64) -> bool {
         let mut guard = self.state.lock().await;
         let s = &mut *guard;
         repair(s).await;
+        if s.groups != group {
+            return false;
+        }
         if !s.pending.is_empty() {
             flush(s).await;
         }
+        true
     }
 }
 
@@ -333,22 +369,29 @@ impl GroupTx {
         );
         let (tx, mut rx) = oneshot::channel();
         s.pending.push(tx);
+        let group = s.groups;
         let since = *s.group_since.get_or_insert_with(Instant::now);
         if writer.queued() == 0 || s.pending.len() >= MAX_GROUP || since.elapsed() >= MAX_GROUP_WAIT
         {
             flush(s).await;
         }
         drop(guard);
-        loop {
+        let answer = loop {
             match tokio::time::timeout(MAX_GROUP_WAIT, &mut rx).await {
-                Ok(Ok(Ok(()))) => return Ok(()),
-                Ok(Ok(Err(e))) => return Err(StoreError::GroupCommit(e)),
-                Ok(Err(_)) => {
-                    return Err(StoreError::GroupCommit("the group was abandoned".into()));
+                Ok(answer) => break answer,
+                // nobody committed the group in time (whoever was queued went away or is slow):
+                // commit it ourselves; once committed, the log sync answers
+                Err(_) => {
+                    if !writer.commit_if_open(group).await {
+                        break (&mut rx).await;
+                    }
                 }
-                // whoever was queued went away or is slow: commit the group ourselves
-                Err(_) => writer.commit_stale_group().await,
             }
+        };
+        match answer {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::GroupCommit(e)),
+            Err(_) => Err(StoreError::GroupCommit("the group was abandoned".into())),
         }
     }
 }

@@ -252,6 +252,9 @@ pub trait Store: Send + Sync {
     ) -> StoreResult<Vec<EventRow>>;
     /// Is any subscription due for a handshake, an event, a heartbeat or its end at `now`?
     async fn subscriptions_due(&self, now: i64) -> StoreResult<bool>;
+    /// Wait until everything committed so far is durable (SQLite makes a commit visible a moment
+    /// before its log sync; PostgreSQL only after). Whatever is sent out waits for this.
+    async fn durable(&self);
 }
 
 /// A database transaction: everything written through it commits together or not at all.

@@ -38,6 +38,22 @@ pub async fn connect_for_delivery(url: &str, shared: &SharedStore) -> StoreResul
     }
 }
 
+/// How a backend's writer makes sure what readers saw is on disk.
+trait Durable {
+    fn durable(&self) -> impl std::future::Future<Output = ()> + Send;
+}
+
+impl Durable for crate::store::group_commit::GroupWriter {
+    async fn durable(&self) {
+        crate::store::group_commit::GroupWriter::durable(self).await
+    }
+}
+
+/// PostgreSQL makes a commit visible only once it is flushed.
+impl Durable for sqlx::PgPool {
+    async fn durable(&self) {}
+}
+
 /// Stable 64-bit key for advisory locks (FNV-1a).
 fn lock_key(key: &str) -> i64 {
     let mut h: u64 = 0xcbf29ce484222325;
@@ -51,7 +67,7 @@ fn lock_key(key: &str) -> i64 {
 /// `$writer` hands out write transactions (`$begin`) held as `$conn` (which derefs to the driver's
 /// connection) and finished by `$commit`.
 macro_rules! sql_backend {
-    ($module:ident, $db:ty, $name:literal, $lock:expr, $backend:ident, $skip_locked:literal, $for_update:literal, $writer:ty, $conn:ty, $begin:path, $commit:path) => {
+    ($module:ident, $db:ty, $name:literal, $lock:expr, $backend:ident, $skip_locked:literal, $for_update:literal, $number_at_commit:literal, $writer:ty, $conn:ty, $begin:path, $commit:path) => {
         pub mod $module {
             use super::*;
 
@@ -69,8 +85,9 @@ macro_rules! sql_backend {
                 /// New resources (version 1) not yet sent to the database: a Bundle's creates go
                 /// out as a few multi-row INSERTs, flushed before anything reads.
                 pending: Vec<NewVersion>,
-                /// Outbox events (subscription id, focus, time), appended to the outbox at commit in
-                /// the order they were caused.
+                /// Outbox events (subscription id, focus, time), written at commit in the order
+                /// they were caused: numbered there on SQLite (one writer: no row to contend for),
+                /// appended to the outbox for the delivery worker to number on PostgreSQL.
                 events: Vec<(String, String, i64)>,
             }
 
@@ -82,6 +99,37 @@ macro_rules! sql_backend {
                     let pending = std::mem::take(&mut self.pending);
                     crate::store::backend::$backend::insert_new(&mut *self.tx, &pending).await?;
                     crate::store::backend::$backend::insert_index(&mut *self.tx, &index_rows(&pending)).await
+                }
+            }
+
+            impl SqlTx {
+                /// Number a transaction's events now, in the order they were caused.
+                async fn number_at_commit(&mut self, mut events: Vec<(String, String, i64)>) -> StoreResult<()> {
+                    events.sort_by(|a, b| a.0.cmp(&b.0)); // stable: per subscription, causal order
+                    for group in events.chunk_by(|a, b| a.0 == b.0) {
+                        let id = &group[0].0;
+                        let row = sqlx::query(
+                            "UPDATE subscriptions SET events_count = events_count + $2 WHERE id = $1 RETURNING events_count",
+                        )
+                        .bind(id)
+                        .bind(group.len() as i64)
+                        .fetch_one(&mut *self.tx)
+                        .await?;
+                        let last: i64 = row.try_get(0)?;
+                        let first = last - group.len() as i64 + 1;
+                        for (n, (_, focus, at)) in group.iter().enumerate() {
+                            sqlx::query(
+                                "INSERT INTO subscription_events (subscription_id, event_number, focus, occurred_at) VALUES ($1, $2, $3, $4)",
+                            )
+                            .bind(id)
+                            .bind(first + n as i64)
+                            .bind(focus)
+                            .bind(at)
+                            .execute(&mut *self.tx)
+                            .await?;
+                        }
+                    }
+                    Ok(())
                 }
             }
 
@@ -277,6 +325,10 @@ macro_rules! sql_backend {
                         .fetch_all(&self.read)
                         .await?;
                     rows.iter().map(event_row).collect()
+                }
+
+                async fn durable(&self) {
+                    Durable::durable(&self.writer).await
                 }
 
                 async fn subscriptions_due(&self, now: i64) -> StoreResult<bool> {
@@ -549,17 +601,24 @@ macro_rules! sql_backend {
 
                 async fn commit(mut self: Box<Self>) -> StoreResult<()> {
                     self.flush().await?;
-                    // appended in a global sequence, numbered later by the delivery lease holder:
-                    // no subscription row is locked here
-                    for (id, focus, at) in std::mem::take(&mut self.events) {
-                        sqlx::query(
-                            "INSERT INTO subscription_outbox (subscription_id, focus, occurred_at) VALUES ($1, $2, $3)",
-                        )
-                        .bind(id)
-                        .bind(focus)
-                        .bind(at)
-                        .execute(&mut *self.tx)
-                        .await?;
+                    let events = std::mem::take(&mut self.events);
+                    if $number_at_commit {
+                        // SQLite has one writer: numbering here serialises nothing more, and the
+                        // delivery worker finds the events ready to send
+                        self.number_at_commit(events).await?;
+                    } else {
+                        // appended in a global sequence, numbered later by the delivery lease
+                        // holder: no subscription row is locked by this transaction
+                        for (id, focus, at) in events {
+                            sqlx::query(
+                                "INSERT INTO subscription_outbox (subscription_id, focus, occurred_at) VALUES ($1, $2, $3)",
+                            )
+                            .bind(id)
+                            .bind(focus)
+                            .bind(at)
+                            .execute(&mut *self.tx)
+                            .await?;
+                        }
                     }
                     $commit(self.tx).await
                 }
@@ -571,6 +630,8 @@ macro_rules! sql_backend {
                         return Ok(0);
                     };
                     let count: i64 = row.try_get(0)?;
+                    let mut number = count;
+                    loop {
                     let waiting = sqlx::query(
                         "SELECT seq, focus, occurred_at FROM subscription_outbox WHERE subscription_id = $1 ORDER BY seq LIMIT 500",
                     )
@@ -578,9 +639,8 @@ macro_rules! sql_backend {
                     .fetch_all(&mut *self.tx)
                     .await?;
                     if waiting.is_empty() {
-                        return Ok(count);
+                        break;
                     }
-                    let mut number = count;
                     let mut numbered = Vec::with_capacity(waiting.len());
                     for w in &waiting {
                         number += 1;
@@ -611,6 +671,10 @@ macro_rules! sql_backend {
                             marks.join(",")
                         );
                         bind_all(sqlx::query(AssertSqlSafe(sql)), &binds).execute(&mut *self.tx).await?;
+                    }
+                    }
+                    if number == count {
+                        return Ok(count);
                     }
                     sqlx::query("UPDATE subscriptions SET events_count = $2 WHERE id = $1")
                         .bind(id)
@@ -773,6 +837,7 @@ sql_backend!(
     sqlite,
     "",
     "",
+    true,
     crate::store::group_commit::GroupWriter,
     crate::store::group_commit::GroupTx,
     crate::store::group_commit::GroupWriter::begin,
@@ -786,6 +851,7 @@ sql_backend!(
     postgres,
     " FOR UPDATE SKIP LOCKED",
     " FOR UPDATE",
+    false,
     sqlx::PgPool,
     sqlx::Transaction<'static, sqlx::Postgres>,
     postgres::begin,

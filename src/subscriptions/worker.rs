@@ -248,6 +248,7 @@ impl Worker {
         if row.status != "requested" {
             return self.deliver(row).await;
         }
+        self.store.durable().await;
         let info = StatusInfo {
             subscription_id: id,
             topic: spec.topic.url.as_str(),
@@ -317,6 +318,9 @@ impl Worker {
                         .store
                         .subscription_events(&row.id, delivered + 1, row.events_count, BATCH)
                         .await?;
+                    // nothing leaves before it is on disk (a SQLite commit is visible a moment
+                    // before its log sync)
+                    self.store.durable().await;
                     for event in events {
                         let number = event.event_number;
                         let content =
