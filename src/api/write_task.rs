@@ -31,11 +31,6 @@ impl Liveness {
             Ok(())
         }
     }
-
-    /// For writes the server makes without a client.
-    pub fn always() -> Liveness {
-        Liveness(Arc::new(AtomicBool::new(false)))
-    }
 }
 
 /// Marks the client gone when the request's future is dropped before the write answered.

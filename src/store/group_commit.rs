@@ -51,7 +51,7 @@ pub struct WriterState {
     pending: Vec<oneshot::Sender<Outcome>>,
     /// When the first member of the open group released its savepoint.
     group_since: Option<Instant>,
-    /// Counts committed groups: a member knows whether its group was committed yet.
+    /// Counts committed groups (`GroupWriter::durable` waits for the log sync of the latest).
     groups: u64,
     wal: WalFile,
     /// Where committed groups wait for their log sync.
@@ -336,13 +336,13 @@ impl GroupWriter {
         })
     }
 
-    /// Commit the open group now if it has members and has waited at least since group number
-    /// `after` was formed (a member of that group waited the bound).
-    async fn commit_open_group(&self, after: u64) {
+    /// Commit the open group now if it has members (a member waited the bound: its own group,
+    /// or the one that formed while its own waits for its log sync).
+    async fn commit_open_group(&self) {
         let mut guard = self.state.lock().await;
         let s = &mut *guard;
         repair(s).await;
-        if s.groups >= after && !s.pending.is_empty() {
+        if !s.pending.is_empty() {
             flush(s).await;
         }
     }
@@ -365,7 +365,6 @@ impl GroupTx {
         );
         let (tx, mut rx) = oneshot::channel();
         s.pending.push(tx);
-        let group = s.groups;
         let since = *s.group_since.get_or_insert_with(Instant::now);
         if writer.queued() == 0 || s.pending.len() >= MAX_GROUP || since.elapsed() >= MAX_GROUP_WAIT
         {
@@ -380,7 +379,7 @@ impl GroupTx {
                 // group that formed meanwhile is committed too rather than left to wait for a
                 // member to notice its age (measured: ~25% more Bundles/s with 32 clients)
                 Err(_) => {
-                    writer.commit_open_group(group).await;
+                    writer.commit_open_group().await;
                 }
             }
         };
