@@ -37,8 +37,17 @@ pub async fn build_app(config: Config) -> anyhow::Result<Router> {
     // check every topic file now rather than at the first event
     let topics = crate::subscriptions::topics::topics().len();
     let dispatcher = Arc::new(Dispatcher::new(access.clone(), config.nats_url.is_some()));
-    let engine = Engine::new(config.eucast_version.as_deref(), dispatcher.clone())
-        .map_err(anyhow::Error::msg)?;
+    let engine = Arc::new(
+        Engine::new(config.eucast_version.as_deref(), dispatcher.clone())
+            .map_err(anyhow::Error::msg)?,
+    );
+    // the rules every write transaction runs before it commits, in this order
+    store.install_hooks(Arc::new([
+        Arc::new(crate::subscriptions::SubscriptionHook {
+            dispatcher: dispatcher.clone(),
+        }) as Arc<dyn crate::store::PreCommit>,
+        engine.clone(),
+    ]));
     let base = config
         .base_url
         .clone()
@@ -74,7 +83,7 @@ pub async fn build_app(config: Config) -> anyhow::Result<Router> {
     Ok(router(AppState {
         store,
         config: Arc::new(config),
-        engine: Arc::new(engine),
+        engine,
         access,
         writes: crate::api::write_task::WriteSlots::new(config_writes),
     }))

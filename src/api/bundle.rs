@@ -11,11 +11,11 @@ use super::format::{BaseUrl, FhirBody, Prefer, ReturnPref, fhir_json, negotiate}
 use super::interactions::{self, Written, conditional_match, parse_etag};
 use super::responses::{bundle, entry_response, parse_body};
 use super::write_task::Liveness;
+use super::write_tx::WriteTx;
 use super::{AppState, Caller};
 use crate::error::{ApiError, ApiResult, Issue, operation_outcome};
 use crate::fhir::resource::{for_each_reference, is_valid_id, parse_json, resource_type, validate};
 use crate::fhir::schema::SchemaValidators;
-use crate::store::StoreTx;
 use crate::surveillance::local_codes;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -234,7 +234,7 @@ struct Done {
 }
 
 /// Run one entry (after ids are assigned and references resolved).
-async fn execute(tx: &mut dyn StoreTx, e: &mut Entry) -> ApiResult<Done> {
+async fn execute(tx: &mut WriteTx, e: &mut Entry) -> ApiResult<Done> {
     let warnings = std::mem::take(&mut e.warnings);
     let done = |status, written, location| {
         Ok(Done {
@@ -307,7 +307,7 @@ async fn execute(tx: &mut dyn StoreTx, e: &mut Entry) -> ApiResult<Done> {
             let stored = tx.current(&e.rt, id).await?.filter(|s| !s.deleted);
             let stored =
                 stored.ok_or_else(|| ApiError::NotFound(format!("{}/{id} is not known", e.rt)))?;
-            tx.admit_read(&stored).await?;
+            tx.admit_read(&stored)?;
             done(
                 "200 OK",
                 Some(Written {
@@ -457,7 +457,7 @@ async fn transaction(
     for e in entries.iter_mut() {
         if e.method == Method::Post {
             let matched = match &e.if_none_exist {
-                Some(q) => conditional_match(tx.as_mut(), &e.rt, q)
+                Some(q) => conditional_match(&mut tx, &e.rt, q)
                     .await
                     .map_err(|err| at_entry(e.index, err))?,
                 None => None,
@@ -468,7 +468,7 @@ async fn transaction(
             e.if_none_exist = None;
         } else if e.method == Method::Put && e.id.is_none() {
             let q = e.conditional.clone().unwrap_or_default();
-            let matched = conditional_match(tx.as_mut(), &e.rt, &q)
+            let matched = conditional_match(&mut tx, &e.rt, &q)
                 .await
                 .map_err(|err| at_entry(e.index, err))?;
             e.id = Some(matched.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()));
@@ -511,9 +511,7 @@ async fn transaction(
     let mut results: Vec<Option<Done>> = (0..entries.len()).map(|_| None).collect();
     for i in order {
         let e = &mut entries[i];
-        let d = execute(tx.as_mut(), e)
-            .await
-            .map_err(|err| at_entry(i, err))?;
+        let d = execute(&mut tx, e).await.map_err(|err| at_entry(i, err))?;
         results[i] = Some(d);
     }
     tx.commit().await?;
@@ -550,7 +548,7 @@ async fn batch(state: &AppState, caller: &Caller, live: &Liveness, raw: Vec<Valu
                     }
                 }
                 let mut tx = state.begin(caller, live).await?;
-                let d = execute(tx.as_mut(), &mut e)
+                let d = execute(&mut tx, &mut e)
                     .await
                     .map_err(|err| at_entry(i, err))?;
                 tx.commit().await?;

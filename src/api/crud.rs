@@ -86,10 +86,8 @@ pub async fn create(
         .run(|live| async move {
             let mut tx = st.begin(&caller, &live).await?;
             let written = match if_none_exist {
-                Some(q) => {
-                    interactions::create_if_none_exist(tx.as_mut(), resource, &id, &q).await?
-                }
-                None => interactions::create(tx.as_mut(), resource, &id).await?,
+                Some(q) => interactions::create_if_none_exist(&mut tx, resource, &id, &q).await?,
+                None => interactions::create(&mut tx, resource, &id).await?,
             };
             tx.commit().await?;
             Ok(written)
@@ -215,7 +213,7 @@ pub async fn update(
         .writes
         .run(|live| async move {
             let mut tx = st.begin(&caller, &live).await?;
-            let written = interactions::update(tx.as_mut(), resource, &id, expected).await?;
+            let written = interactions::update(&mut tx, resource, &id, expected).await?;
             tx.commit().await?;
             Ok(written)
         })
@@ -236,7 +234,7 @@ pub async fn delete(
         .writes
         .run(|live| async move {
             let mut tx = st.begin(&caller, &live).await?;
-            let deleted = interactions::delete(tx.as_mut(), &rt, &id, expected).await?;
+            let deleted = interactions::delete(&mut tx, &rt, &id, expected).await?;
             tx.commit().await?;
             Ok(deleted)
         })
@@ -277,7 +275,7 @@ pub async fn conditional_update(
                 .get("id")
                 .and_then(|v| v.as_str())
                 .map(String::from);
-            let id = match interactions::conditional_match(tx.as_mut(), &rt, &q).await? {
+            let id = match interactions::conditional_match(&mut tx, &rt, &q).await? {
                 Some(id) => id,
                 // no match: a client-chosen id in the body is honoured, as for update-as-create
                 None => body_id
@@ -296,7 +294,7 @@ pub async fn conditional_update(
                 )]));
             }
             resource["id"] = serde_json::json!(id);
-            let written = interactions::update(tx.as_mut(), resource, &id, expected).await?;
+            let written = interactions::update(&mut tx, resource, &id, expected).await?;
             tx.commit().await?;
             Ok(written)
         })
@@ -318,8 +316,8 @@ pub async fn conditional_delete(
         .writes
         .run(|live| async move {
             let mut tx = st.begin(&caller, &live).await?;
-            if let Some(id) = interactions::conditional_match(tx.as_mut(), &rt, &q).await? {
-                interactions::delete(tx.as_mut(), &rt, &id, None).await?;
+            if let Some(id) = interactions::conditional_match(&mut tx, &rt, &q).await? {
+                interactions::delete(&mut tx, &rt, &id, None).await?;
             }
             Ok(tx.commit().await?)
         })

@@ -3,10 +3,11 @@
 use serde_json::Value;
 
 use super::search::{SearchRequest, parse_search};
+use super::write_tx::WriteTx;
 use crate::error::{ApiError, ApiResult, Issue};
 use crate::fhir::datetime::now_micros;
 use crate::fhir::resource::resource_type;
-use crate::store::{NewVersion, StoreError, StoreTx, StoredResource};
+use crate::store::{NewVersion, StoreError, StoredResource};
 use crate::surveillance::is_case_notification;
 
 /// A version the transaction wrote (or, for a conditional create that matched, found).
@@ -80,10 +81,10 @@ fn refuse_stored_case_notification(current: Option<&StoredResource>) -> ApiResul
     }
 }
 
-pub async fn create(tx: &mut dyn StoreTx, mut resource: Value, id: &str) -> ApiResult<Written> {
+pub async fn create(tx: &mut WriteTx, mut resource: Value, id: &str) -> ApiResult<Written> {
     let rt = resource_type(&resource)?.to_string();
     refuse_case_notification(&resource)?;
-    tx.admit(&rt, Some(&mut resource), None).await?;
+    tx.admit(&rt, Some(&mut resource), None)?;
     let v = new_version(resource, &rt, id, 1, "POST");
     tx.write(&v).await.map_err(|e| conflict(e, false))?;
     Ok(Written {
@@ -95,7 +96,7 @@ pub async fn create(tx: &mut dyn StoreTx, mut resource: Value, id: &str) -> ApiR
 /// Resolve the search of a conditional interaction: none, exactly one, or a 412 for several.
 /// The lock makes two identical conditional creates run one after the other, on every backend.
 pub async fn conditional_match(
-    tx: &mut dyn StoreTx,
+    tx: &mut WriteTx,
     rt: &str,
     query: &str,
 ) -> ApiResult<Option<String>> {
@@ -121,7 +122,7 @@ pub async fn conditional_match(
 
 /// Conditional create: the existing match, or a new resource.
 pub async fn create_if_none_exist(
-    tx: &mut dyn StoreTx,
+    tx: &mut WriteTx,
     resource: Value,
     id: &str,
     query: &str,
@@ -144,7 +145,7 @@ pub async fn create_if_none_exist(
 
 /// Update (or create with a client-assigned id). `if_match` is the version the client saw.
 pub async fn update(
-    tx: &mut dyn StoreTx,
+    tx: &mut WriteTx,
     mut resource: Value,
     id: &str,
     if_match: Option<i64>,
@@ -155,7 +156,7 @@ pub async fn update(
     if rt == "Communication" {
         refuse_stored_case_notification(current.as_ref())?;
     }
-    tx.admit(&rt, Some(&mut resource), current.as_ref()).await?;
+    tx.admit(&rt, Some(&mut resource), current.as_ref())?;
     if let Some(expected) = if_match {
         match &current {
             Some(c) if c.version_id == expected && !c.deleted => {}
@@ -186,7 +187,7 @@ pub async fn update(
 
 /// Delete: a tombstone version. Deleting what is absent or already deleted changes nothing.
 pub async fn delete(
-    tx: &mut dyn StoreTx,
+    tx: &mut WriteTx,
     rt: &str,
     id: &str,
     if_match: Option<i64>,
@@ -205,7 +206,7 @@ pub async fn delete(
     if rt == "Communication" {
         refuse_stored_case_notification(Some(&current))?;
     }
-    tx.admit(rt, None, Some(&current)).await?;
+    tx.admit(rt, None, Some(&current))?;
     if let Some(expected) = if_match
         && expected != current.version_id
     {

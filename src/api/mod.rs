@@ -9,6 +9,7 @@ pub mod responses;
 pub mod search;
 pub mod subscription_ops;
 pub mod write_task;
+pub mod write_tx;
 pub mod xml;
 
 use std::sync::Arc;
@@ -21,8 +22,8 @@ use tower_http::trace::TraceLayer;
 use crate::auth::{Access, Principal};
 use crate::config::Config;
 use crate::error::{ApiError, ApiResult};
-use crate::store::{SharedStore, StoreTx};
-use crate::surveillance::{Engine, SurveillanceTx};
+use crate::store::SharedStore;
+use crate::surveillance::Engine;
 use write_task::Liveness;
 
 #[derive(Clone)]
@@ -39,15 +40,15 @@ impl AppState {
     /// A write transaction for `caller`; the surveillance rules run on what it wrote before it
     /// commits, and what it may write is checked as it writes. Nothing starts for a client that
     /// is gone; a database that cannot be had in time is a 503.
-    pub async fn begin(&self, caller: &Caller, live: &Liveness) -> ApiResult<Box<dyn StoreTx>> {
+    pub async fn begin(&self, caller: &Caller, live: &Liveness) -> ApiResult<write_tx::WriteTx> {
         live.check()?;
         let inner = tokio::time::timeout(write_task::QUEUE_TIMEOUT, self.store.begin())
             .await
             .map_err(|_| crate::store::StoreError::Busy)??;
-        Ok(SurveillanceTx::wrap(
+        Ok(write_tx::WriteTx::new(
             inner,
-            self.engine.clone(),
             caller.0.clone(),
+            self.engine.dispatcher.has_broker,
         ))
     }
 }

@@ -2,6 +2,7 @@
 //! (`sql.rs`), search queries compiled to SQL in `query.rs`.
 mod backend;
 mod group_commit;
+pub mod hooks;
 pub mod query;
 mod sql;
 
@@ -9,6 +10,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+pub use hooks::{Hooks, Note, PreCommit, Touched};
 pub use query::{Condition, Match, SearchQuery, Sort, SystemMatch};
 pub use sql::{connect, connect_for_delivery};
 
@@ -214,6 +216,8 @@ pub struct EventRow {
 #[async_trait]
 pub trait Store: Send + Sync {
     fn backend(&self) -> &'static str;
+    /// Write transactions run these hooks before they commit (installed once, at start).
+    fn install_hooks(&self, hooks: Hooks);
     async fn begin(&self) -> StoreResult<Box<dyn StoreTx>>;
     async fn read(&self, resource_type: &str, id: &str) -> StoreResult<Option<StoredResource>>;
     async fn read_version(
@@ -272,21 +276,10 @@ pub trait StoreTx: Send {
     async fn search_ids(&mut self, q: &SearchQuery) -> StoreResult<Vec<String>>;
     /// Write a new version; `version_id - 1` must still be the current one (1 = must not exist).
     async fn write(&mut self, v: &NewVersion) -> StoreResult<()>;
-    async fn commit(self: Box<Self>) -> StoreResult<()>;
-    /// May the caller write this (`resource` `None`: delete)? A Subscription is also checked and
-    /// normalised here (owner, starting status). Plain store transactions (the server's own
-    /// writes) admit everything; the API's transactions know the caller.
-    async fn admit(
-        &mut self,
-        _resource_type: &str,
-        _resource: Option<&mut serde_json::Value>,
-        _current: Option<&StoredResource>,
-    ) -> Result<(), crate::error::ApiError> {
-        Ok(())
-    }
-    /// May the caller read this version (a GET inside a Bundle)? `NotFound` when not.
-    async fn admit_read(&mut self, _stored: &StoredResource) -> Result<(), crate::error::ApiError> {
-        Ok(())
+    /// Run the pre-commit hooks on what was written, then commit; what the hooks noted.
+    async fn commit_noting(self: Box<Self>) -> StoreResult<Vec<Note>>;
+    async fn commit(self: Box<Self>) -> StoreResult<()> {
+        self.commit_noting().await.map(|_| ())
     }
     /// Send buffered writes to the database now (they are sent before any read and at commit anyway).
     async fn flush(&mut self) -> StoreResult<()>;
@@ -359,6 +352,37 @@ pub trait StoreTx: Send {
     /// Delete the delivered events of a subscription that occurred before `before` (µs); the new
     /// `pruned_count`.
     async fn sub_prune_events(&mut self, id: &str, before: i64) -> StoreResult<i64>;
+
+    // What rule sets remember between writes (migrations/*/0005_rule_state.sql): JSON records
+    // under a key unique per rule set, found again by key or by tag (an indexed lookup key).
+    async fn state_get(
+        &mut self,
+        rule_set: &str,
+        key: &str,
+    ) -> StoreResult<Option<serde_json::Value>>;
+    /// Insert or replace a record; its tags replace the previous ones.
+    async fn state_put(
+        &mut self,
+        rule_set: &str,
+        key: &str,
+        value: &serde_json::Value,
+        tags: &[String],
+    ) -> StoreResult<()>;
+    /// Insert a record unless its key exists (then `false`): the primary key decides between
+    /// racing transactions and processes.
+    async fn state_claim(
+        &mut self,
+        rule_set: &str,
+        key: &str,
+        value: &serde_json::Value,
+        tags: &[String],
+    ) -> StoreResult<bool>;
+    /// Every record carrying `tag`, with its key.
+    async fn state_tagged(
+        &mut self,
+        rule_set: &str,
+        tag: &str,
+    ) -> StoreResult<Vec<(String, serde_json::Value)>>;
 }
 
 pub type SharedStore = Arc<dyn Store>;

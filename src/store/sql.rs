@@ -12,8 +12,9 @@ use sqlx::{AssertSqlSafe, Row};
 use super::backend::index_rows;
 use super::query::{Bind, COLUMNS, SearchQuery, Sql, param_filter};
 use super::{
-    CaseKey, CaseRow, DeliveryState, EventRow, HistoryQuery, IsolateState, NewVersion, SearchPage,
-    SharedStore, Store, StoreError, StoreResult, StoreTx, StoredResource, SubscriptionRow,
+    CaseKey, CaseRow, DeliveryState, EventRow, HistoryQuery, Hooks, IsolateState, NewVersion, Note,
+    SearchPage, SharedStore, Store, StoreError, StoreResult, StoreTx, StoredResource,
+    SubscriptionRow, Touched, hooks::run_before_commit,
 };
 
 /// Open the database named by a URL (`sqlite://PATH`, `postgres://…`) and run its migrations.
@@ -64,6 +65,10 @@ fn lock_key(key: &str) -> i64 {
     h as i64
 }
 
+fn state_value(text: &str) -> StoreResult<serde_json::Value> {
+    serde_json::from_str(text).map_err(|e| StoreError::Rule(format!("rule state is not JSON: {e}")))
+}
+
 /// `$writer` hands out write transactions (`$begin`) held as `$conn` (which derefs to the driver's
 /// connection) and finished by `$commit`.
 macro_rules! sql_backend {
@@ -78,6 +83,7 @@ macro_rules! sql_backend {
             pub struct SqlStore {
                 pub writer: $writer,
                 pub read: sqlx::Pool<Db>,
+                pub hooks: std::sync::OnceLock<Hooks>,
             }
 
             pub struct SqlTx {
@@ -89,6 +95,9 @@ macro_rules! sql_backend {
                 /// they were caused: numbered there on SQLite (one writer: no row to contend for),
                 /// appended to the outbox for the delivery worker to number on PostgreSQL.
                 events: Vec<(String, String, i64)>,
+                /// The pre-commit hooks and what they are to see.
+                hooks: Option<Hooks>,
+                touched: Vec<Touched>,
             }
 
             impl SqlTx {
@@ -128,6 +137,107 @@ macro_rules! sql_backend {
                             .execute(&mut *self.tx)
                             .await?;
                         }
+                    }
+                    Ok(())
+                }
+            }
+
+            impl SqlTx {
+                /// Write one version (the hooks' bookkeeping is in `write`).
+                async fn write_version(&mut self, v: &NewVersion) -> StoreResult<()> {
+                    let deleted = v.body.is_none();
+                    if v.version_id == 1 {
+                        self.pending.push(v.clone());
+                        return Ok(());
+                    }
+                    self.flush().await?;
+                    {
+                        let done = sqlx::query(
+                            "UPDATE resources SET version_id = $3, last_updated = $4, deleted = $5, body = $6 \
+                             WHERE resource_type = $1 AND id = $2 AND version_id = $7",
+                        )
+                        .bind(&v.resource_type)
+                        .bind(&v.id)
+                        .bind(v.version_id)
+                        .bind(v.last_updated)
+                        .bind(deleted)
+                        .bind(&v.body)
+                        .bind(v.version_id - 1)
+                        .execute(&mut *self.tx)
+                        .await?;
+                        if done.rows_affected() == 0 {
+                            return Err(StoreError::VersionConflict {
+                                resource_type: v.resource_type.clone(),
+                                id: v.id.clone(),
+                            });
+                        }
+                        sqlx::query("DELETE FROM search_index WHERE resource_type = $1 AND id = $2")
+                            .bind(&v.resource_type)
+                            .bind(&v.id)
+                            .execute(&mut *self.tx)
+                            .await?;
+                    }
+                    sqlx::query(
+                        "INSERT INTO resource_versions (resource_type, id, version_id, last_updated, deleted, method, body) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    )
+                    .bind(&v.resource_type)
+                    .bind(&v.id)
+                    .bind(v.version_id)
+                    .bind(v.last_updated)
+                    .bind(deleted)
+                    .bind(v.method)
+                    .bind(&v.body)
+                    .execute(&mut *self.tx)
+                    .await?;
+                    crate::store::backend::$backend::insert_index(&mut *self.tx, &index_rows(std::slice::from_ref(v))).await
+                }
+
+                /// Number or append the outbox events, then commit.
+                async fn commit_inner(mut self: Box<Self>) -> StoreResult<()> {
+                    self.flush().await?;
+                    let events = std::mem::take(&mut self.events);
+                    if $number_at_commit {
+                        // SQLite has one writer: numbering here serialises nothing more, and the
+                        // delivery worker finds the events ready to send
+                        self.number_at_commit(events).await?;
+                    } else {
+                        // appended in a global sequence, numbered later by the delivery lease
+                        // holder: no subscription row is locked by this transaction
+                        for (id, focus, at) in events {
+                            sqlx::query(
+                                "INSERT INTO subscription_outbox (subscription_id, focus, occurred_at) VALUES ($1, $2, $3)",
+                            )
+                            .bind(id)
+                            .bind(focus)
+                            .bind(at)
+                            .execute(&mut *self.tx)
+                            .await?;
+                        }
+                    }
+                    $commit(self.tx).await
+                }
+            }
+
+            impl SqlTx {
+                /// Replace the tags of a rule-state record (`replace`: drop the old ones first).
+                async fn state_tag(&mut self, rule_set: &str, key: &str, tags: &[String], replace: bool) -> StoreResult<()> {
+                    if replace {
+                        sqlx::query("DELETE FROM rule_state_tags WHERE rule_set = $1 AND key = $2")
+                            .bind(rule_set)
+                            .bind(key)
+                            .execute(&mut *self.tx)
+                            .await?;
+                    }
+                    for tag in tags {
+                        sqlx::query(
+                            "INSERT INTO rule_state_tags (rule_set, tag, key) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                        )
+                        .bind(rule_set)
+                        .bind(tag)
+                        .bind(key)
+                        .execute(&mut *self.tx)
+                        .await?;
                     }
                     Ok(())
                 }
@@ -208,8 +318,18 @@ macro_rules! sql_backend {
                     $name
                 }
 
+                fn install_hooks(&self, hooks: Hooks) {
+                    let _ = self.hooks.set(hooks);
+                }
+
                 async fn begin(&self) -> StoreResult<Box<dyn StoreTx>> {
-                    Ok(Box::new(SqlTx { tx: $begin(&self.writer).await?, pending: Vec::new(), events: Vec::new() }))
+                    Ok(Box::new(SqlTx {
+                        tx: $begin(&self.writer).await?,
+                        pending: Vec::new(),
+                        events: Vec::new(),
+                        hooks: self.hooks.get().cloned(),
+                        touched: Vec::new(),
+                    }))
                 }
 
                 async fn read(&self, resource_type: &str, id: &str) -> StoreResult<Option<StoredResource>> {
@@ -547,80 +667,52 @@ macro_rules! sql_backend {
                 }
 
                 async fn write(&mut self, v: &NewVersion) -> StoreResult<()> {
-                    let deleted = v.body.is_none();
-                    if v.version_id == 1 {
-                        self.pending.push(v.clone());
-                        return Ok(());
+                    let watched = self.hooks.as_ref().is_some_and(|h| h.iter().any(|h| h.watches(&v.resource_type)));
+                    let previous = if watched && v.version_id > 1 {
+                        self.current(&v.resource_type, &v.id)
+                            .await?
+                            .and_then(|c| c.body)
+                            .and_then(|b| serde_json::from_str(&b).ok())
+                            .map(Arc::new)
+                    } else {
+                        None
+                    };
+                    self.write_version(v).await?;
+                    if watched {
+                        self.touched.push(Touched {
+                            resource_type: v.resource_type.clone(),
+                            id: v.id.clone(),
+                            body: v.resource.clone(),
+                            previous,
+                            created: v.method == "POST",
+                        });
                     }
-                    self.flush().await?;
-                    {
-                        let done = sqlx::query(
-                            "UPDATE resources SET version_id = $3, last_updated = $4, deleted = $5, body = $6 \
-                             WHERE resource_type = $1 AND id = $2 AND version_id = $7",
-                        )
-                        .bind(&v.resource_type)
-                        .bind(&v.id)
-                        .bind(v.version_id)
-                        .bind(v.last_updated)
-                        .bind(deleted)
-                        .bind(&v.body)
-                        .bind(v.version_id - 1)
-                        .execute(&mut *self.tx)
-                        .await?;
-                        if done.rows_affected() == 0 {
-                            return Err(StoreError::VersionConflict {
-                                resource_type: v.resource_type.clone(),
-                                id: v.id.clone(),
-                            });
-                        }
-                        sqlx::query("DELETE FROM search_index WHERE resource_type = $1 AND id = $2")
-                            .bind(&v.resource_type)
-                            .bind(&v.id)
-                            .execute(&mut *self.tx)
-                            .await?;
-                    }
-                    sqlx::query(
-                        "INSERT INTO resource_versions (resource_type, id, version_id, last_updated, deleted, method, body) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                    )
-                    .bind(&v.resource_type)
-                    .bind(&v.id)
-                    .bind(v.version_id)
-                    .bind(v.last_updated)
-                    .bind(deleted)
-                    .bind(v.method)
-                    .bind(&v.body)
-                    .execute(&mut *self.tx)
-                    .await?;
-                    crate::store::backend::$backend::insert_index(&mut *self.tx, &index_rows(std::slice::from_ref(v))).await
+                    Ok(())
                 }
 
                 async fn flush(&mut self) -> StoreResult<()> {
                     SqlTx::flush(self).await
                 }
 
-                async fn commit(mut self: Box<Self>) -> StoreResult<()> {
-                    self.flush().await?;
-                    let events = std::mem::take(&mut self.events);
-                    if $number_at_commit {
-                        // SQLite has one writer: numbering here serialises nothing more, and the
-                        // delivery worker finds the events ready to send
-                        self.number_at_commit(events).await?;
-                    } else {
-                        // appended in a global sequence, numbered later by the delivery lease
-                        // holder: no subscription row is locked by this transaction
-                        for (id, focus, at) in events {
-                            sqlx::query(
-                                "INSERT INTO subscription_outbox (subscription_id, focus, occurred_at) VALUES ($1, $2, $3)",
-                            )
-                            .bind(id)
-                            .bind(focus)
-                            .bind(at)
-                            .execute(&mut *self.tx)
-                            .await?;
+                async fn commit_noting(mut self: Box<Self>) -> StoreResult<Vec<Note>> {
+                    let mut notes = Vec::new();
+                    let touched = std::mem::take(&mut self.touched);
+                    let hooks = self.hooks.clone();
+                    let mut announce = Vec::new();
+                    if let Some(hooks) = &hooks
+                        && !touched.is_empty()
+                    {
+                        // the request's own writes go out first, so the rules see them in the database
+                        self.flush().await?;
+                        announce = run_before_commit(hooks, &mut *self, &touched, &mut notes).await?;
+                    }
+                    self.commit_inner().await?;
+                    if let Some(hooks) = &hooks {
+                        for i in announce {
+                            hooks[i].after_commit();
                         }
                     }
-                    $commit(self.tx).await
+                    Ok(notes)
                 }
 
                 async fn sub_number_events(&mut self, id: &str) -> StoreResult<i64> {
@@ -824,6 +916,65 @@ macro_rules! sql_backend {
                         .await?;
                     Ok(())
                 }
+
+                async fn state_get(&mut self, rule_set: &str, key: &str) -> StoreResult<Option<serde_json::Value>> {
+                    self.flush().await?;
+                    let row = sqlx::query("SELECT value FROM rule_state WHERE rule_set = $1 AND key = $2")
+                        .bind(rule_set)
+                        .bind(key)
+                        .fetch_optional(&mut *self.tx)
+                        .await?;
+                    row.map(|r| state_value(&r.try_get::<String, _>(0)?)).transpose()
+                }
+
+                async fn state_put(&mut self, rule_set: &str, key: &str, value: &serde_json::Value, tags: &[String]) -> StoreResult<()> {
+                    self.flush().await?;
+                    sqlx::query(
+                        "INSERT INTO rule_state (rule_set, key, value, updated_at) VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT (rule_set, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                    )
+                    .bind(rule_set)
+                    .bind(key)
+                    .bind(value.to_string())
+                    .bind(crate::fhir::datetime::now_micros())
+                    .execute(&mut *self.tx)
+                    .await?;
+                    self.state_tag(rule_set, key, tags, true).await
+                }
+
+                async fn state_claim(&mut self, rule_set: &str, key: &str, value: &serde_json::Value, tags: &[String]) -> StoreResult<bool> {
+                    self.flush().await?;
+                    let done = sqlx::query(
+                        "INSERT INTO rule_state (rule_set, key, value, updated_at) VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT (rule_set, key) DO NOTHING",
+                    )
+                    .bind(rule_set)
+                    .bind(key)
+                    .bind(value.to_string())
+                    .bind(crate::fhir::datetime::now_micros())
+                    .execute(&mut *self.tx)
+                    .await?;
+                    if done.rows_affected() != 1 {
+                        return Ok(false);
+                    }
+                    self.state_tag(rule_set, key, tags, false).await?;
+                    Ok(true)
+                }
+
+                async fn state_tagged(&mut self, rule_set: &str, tag: &str) -> StoreResult<Vec<(String, serde_json::Value)>> {
+                    self.flush().await?;
+                    let rows = sqlx::query(
+                        "SELECT s.key, s.value FROM rule_state_tags t JOIN rule_state s ON s.rule_set = t.rule_set AND s.key = t.key \
+                         WHERE t.rule_set = $1 AND t.tag = $2 ORDER BY s.key",
+                    )
+                    .bind(rule_set)
+                    .bind(tag)
+                    .fetch_all(&mut *self.tx)
+                    .await?;
+                    rows.iter()
+                        .map(|r| Ok((r.try_get::<String, _>(0)?, state_value(&r.try_get::<String, _>(1)?)?)))
+                        .collect()
+                }
             }
         }
     };
@@ -906,7 +1057,11 @@ mod sqlite {
             .max_connections(4)
             .connect_with(base.read_only(true).pragma("cache_size", "-4096"))
             .await?;
-        Ok(Arc::new(sqlite_impl::SqlStore { writer, read }))
+        Ok(Arc::new(sqlite_impl::SqlStore {
+            writer,
+            read,
+            hooks: Default::default(),
+        }))
     }
 }
 
@@ -932,6 +1087,7 @@ mod postgres {
         Ok(Arc::new(postgres_impl::SqlStore {
             writer: pool.clone(),
             read: pool,
+            hooks: Default::default(),
         }))
     }
 

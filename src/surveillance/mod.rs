@@ -15,11 +15,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_trait::async_trait;
 use serde_json::Value;
 
-use crate::auth::Principal;
 use crate::fhir::datetime::{format_instant, now_micros};
 use crate::store::{
-    CaseKey, CaseRow, DeliveryState, EventRow, IsolateState, NewVersion, SearchQuery, StoreError,
-    StoreResult, StoreTx, StoredResource, SubscriptionRow,
+    CaseKey, CaseRow, IsolateState, NewVersion, Note, PreCommit, StoreError, StoreResult, StoreTx,
+    StoredResource, Touched,
 };
 use crate::subscriptions::dispatch::Dispatcher;
 use crate::terminology::{BreakpointTable, Terminology};
@@ -577,18 +576,6 @@ fn linked_ids(element: &Value, rt: &str) -> Vec<String> {
     }
 }
 
-/// A resource a transaction wrote (body `None`: deleted).
-#[derive(Debug, Clone)]
-pub struct Touched {
-    pub resource_type: String,
-    pub id: String,
-    pub body: Option<Arc<Value>>,
-    /// The version this write replaced, if any: its links count too (a correction can drop them).
-    pub previous: Option<Arc<Value>>,
-    /// Created with a server-assigned id: nothing written before this transaction can refer to it.
-    pub created: bool,
-}
-
 /// Is this a case notification (profile `notifica-caso`)? Those are written by the rules only.
 pub fn is_case_notification(resource: &Value) -> bool {
     let profile = format!(
@@ -612,222 +599,25 @@ fn watched(resource_type: &str) -> bool {
     )
 }
 
-/// A write transaction that applies the surveillance rules to what it wrote just before it commits.
-/// Every write path of the API goes through one of these, so no path can skip the rules.
-pub struct SurveillanceTx {
-    inner: Box<dyn StoreTx>,
-    engine: Arc<Engine>,
-    touched: Vec<Touched>,
-    /// Who is writing: what they may write, and the owner of the Subscriptions they create.
-    caller: Arc<Principal>,
-    /// A Subscription was written: its handshake (or end) is due once this commits.
-    subscription_written: bool,
-}
-
-impl SurveillanceTx {
-    pub fn wrap(
-        inner: Box<dyn StoreTx>,
-        engine: Arc<Engine>,
-        caller: Arc<Principal>,
-    ) -> Box<dyn StoreTx> {
-        Box::new(SurveillanceTx {
-            inner,
-            engine,
-            touched: Vec::new(),
-            caller,
-            subscription_written: false,
-        })
-    }
-}
-
+/// The CRE rules as a pre-commit hook: the store runs them on every write transaction.
 #[async_trait]
-impl StoreTx for SurveillanceTx {
-    async fn current(
-        &mut self,
-        resource_type: &str,
-        id: &str,
-    ) -> StoreResult<Option<StoredResource>> {
-        self.inner.current(resource_type, id).await
+impl PreCommit for Engine {
+    fn watches(&self, resource_type: &str) -> bool {
+        watched(resource_type)
     }
-    async fn lock(&mut self, key: &str) -> StoreResult<()> {
-        self.inner.lock(key).await
+
+    async fn before_commit(
+        &self,
+        tx: &mut dyn StoreTx,
+        touched: &[Touched],
+        _notes: &mut Vec<Note>,
+    ) -> StoreResult<bool> {
+        let events_before = self.dispatcher.enqueued();
+        self.apply(tx, touched).await?;
+        Ok(self.dispatcher.enqueued() != events_before)
     }
-    async fn flush(&mut self) -> StoreResult<()> {
-        self.inner.flush().await
-    }
-    async fn lock_all(&mut self, keys: &[String]) -> StoreResult<()> {
-        self.inner.lock_all(keys).await
-    }
-    async fn search_ids(&mut self, q: &SearchQuery) -> StoreResult<Vec<String>> {
-        self.inner.search_ids(q).await
-    }
-    async fn write(&mut self, v: &NewVersion) -> StoreResult<()> {
-        let previous = if watched(&v.resource_type) && v.version_id > 1 {
-            self.inner
-                .current(&v.resource_type, &v.id)
-                .await?
-                .and_then(|c| c.body)
-                .and_then(|b| serde_json::from_str(&b).ok())
-                .map(Arc::new)
-        } else {
-            None
-        };
-        self.inner.write(v).await?;
-        if v.resource_type == "Subscription" {
-            crate::subscriptions::on_subscription_written(&mut *self.inner, v).await?;
-            self.subscription_written = true;
-        }
-        if watched(&v.resource_type) {
-            self.touched.push(Touched {
-                resource_type: v.resource_type.clone(),
-                id: v.id.clone(),
-                body: v.resource.clone(),
-                previous,
-                created: v.method == "POST",
-            });
-        }
-        Ok(())
-    }
-    async fn commit(mut self: Box<Self>) -> StoreResult<()> {
-        let touched = std::mem::take(&mut self.touched);
-        let events_before = self.engine.dispatcher.enqueued();
-        if !touched.is_empty() {
-            // the request's own writes go out first, so the rules' timer measures the rules alone
-            self.inner.flush().await?;
-            self.engine.apply(&mut *self.inner, &touched).await?;
-        }
-        self.inner.commit().await?;
-        if self.subscription_written || self.engine.dispatcher.enqueued() != events_before {
-            self.engine.dispatcher.wake();
-        }
-        Ok(())
-    }
-    async fn admit_read(&mut self, stored: &StoredResource) -> Result<(), crate::error::ApiError> {
-        let body = crate::subscriptions::parse_body(stored.body.as_deref());
-        match body {
-            Some(b) if !self.caller.sees(&b) => Err(crate::error::ApiError::NotFound(format!(
-                "{}/{} is not known",
-                stored.resource_type, stored.id
-            ))),
-            _ => Ok(()),
-        }
-    }
-    async fn admit(
-        &mut self,
-        resource_type: &str,
-        resource: Option<&mut Value>,
-        current: Option<&StoredResource>,
-    ) -> Result<(), crate::error::ApiError> {
-        if !self.caller.may_write(resource_type) {
-            return Err(crate::error::ApiError::Forbidden(format!(
-                "client '{}' ({:?}) may not write {resource_type}",
-                self.caller.id, self.caller.role
-            )));
-        }
-        if resource_type == "Subscription" {
-            match resource {
-                Some(r) => crate::subscriptions::spec::admit(
-                    &self.caller,
-                    r,
-                    current,
-                    self.engine.dispatcher.has_broker,
-                )?,
-                None => {
-                    let owner = current
-                        .and_then(|c| crate::subscriptions::parse_body(c.body.as_deref()))
-                        .map(|b| crate::subscriptions::spec::owner_of(&b))
-                        .unwrap_or_default();
-                    if !self.caller.development
-                        && self.caller.role != crate::auth::Role::Admin
-                        && owner != self.caller.id
-                    {
-                        return Err(crate::error::ApiError::NotFound(
-                            "this Subscription is not one of yours".into(),
-                        ));
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-    async fn cre_isolate(&mut self, isolate_id: &str) -> StoreResult<Option<IsolateState>> {
-        self.inner.cre_isolate(isolate_id).await
-    }
-    async fn cre_put_isolate(&mut self, s: &IsolateState) -> StoreResult<()> {
-        self.inner.cre_put_isolate(s).await
-    }
-    async fn cre_isolates_of_key(&mut self, key: &CaseKey) -> StoreResult<Vec<String>> {
-        self.inner.cre_isolates_of_key(key).await
-    }
-    async fn cre_active_case(&mut self, key: &CaseKey) -> StoreResult<Option<CaseRow>> {
-        self.inner.cre_active_case(key).await
-    }
-    async fn cre_claim_case(&mut self, c: &CaseRow, created_at: i64) -> StoreResult<bool> {
-        self.inner.cre_claim_case(c, created_at).await
-    }
-    async fn cre_set_case(
-        &mut self,
-        case_id: &str,
-        isolate_id: &str,
-        active: bool,
-    ) -> StoreResult<()> {
-        self.inner.cre_set_case(case_id, isolate_id, active).await
-    }
-    async fn sub_define(&mut self, row: &SubscriptionRow) -> StoreResult<()> {
-        self.inner.sub_define(row).await
-    }
-    async fn sub_of_topic(&mut self, topic: &str) -> StoreResult<Vec<(SubscriptionRow, String)>> {
-        self.inner.sub_of_topic(topic).await
-    }
-    async fn sub_append_event(
-        &mut self,
-        subscription_id: &str,
-        focus: &str,
-        at: i64,
-    ) -> StoreResult<()> {
-        self.inner
-            .sub_append_event(subscription_id, focus, at)
-            .await
-    }
-    async fn sub_row(&mut self, id: &str) -> StoreResult<Option<SubscriptionRow>> {
-        self.inner.sub_row(id).await
-    }
-    async fn sub_claim(
-        &mut self,
-        owner: &str,
-        now: i64,
-        until: i64,
-        limit: i64,
-    ) -> StoreResult<Vec<String>> {
-        self.inner.sub_claim(owner, now, until, limit).await
-    }
-    async fn sub_delivered(&mut self, id: &str, d: &DeliveryState) -> StoreResult<()> {
-        self.inner.sub_delivered(id, d).await
-    }
-    async fn sub_progress(
-        &mut self,
-        id: &str,
-        delivered: i64,
-        last_sent_at: i64,
-        lease_until: i64,
-    ) -> StoreResult<()> {
-        self.inner
-            .sub_progress(id, delivered, last_sent_at, lease_until)
-            .await
-    }
-    async fn sub_events(
-        &mut self,
-        id: &str,
-        from: i64,
-        to: i64,
-        limit: i64,
-    ) -> StoreResult<Vec<EventRow>> {
-        self.inner.sub_events(id, from, to, limit).await
-    }
-    async fn sub_number_events(&mut self, id: &str) -> StoreResult<i64> {
-        self.inner.sub_number_events(id).await
-    }
-    async fn sub_prune_events(&mut self, id: &str, before: i64) -> StoreResult<i64> {
-        self.inner.sub_prune_events(id, before).await
+
+    fn after_commit(&self) {
+        self.dispatcher.wake();
     }
 }
