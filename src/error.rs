@@ -11,6 +11,8 @@ pub struct Issue {
     pub code: &'static str,
     pub diagnostics: String,
     pub expression: Option<String>,
+    /// A coded outcome (system, code) and its text, as `issue.details` (the rules' receipts).
+    pub details: Option<(String, String, String)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +45,22 @@ impl Issue {
             code,
             diagnostics: diagnostics.into(),
             expression,
+            details: None,
+        }
+    }
+
+    /// What a pre-commit rule noted about a written resource (a receipt for its sender).
+    pub fn from_note(n: &crate::store::Note) -> Self {
+        Issue {
+            severity: if n.severity == "warning" {
+                Severity::Warning
+            } else {
+                Severity::Information
+            },
+            code: "informational",
+            diagnostics: n.text.clone(),
+            expression: Some(n.resource_type.clone()),
+            details: Some((n.system.clone(), n.code.clone(), n.text.clone())),
         }
     }
 
@@ -186,6 +204,9 @@ pub fn operation_outcome(issues: &[Issue]) -> Value {
             let mut v = json!({"severity": i.severity.as_str(), "code": i.code, "diagnostics": i.diagnostics});
             if let Some(e) = &i.expression {
                 v["expression"] = json!([e]);
+            }
+            if let Some((system, code, text)) = &i.details {
+                v["details"] = json!({"coding": [{"system": system, "code": code}], "text": text});
             }
             v
         })

@@ -41,12 +41,16 @@ pub async fn build_app(config: Config) -> anyhow::Result<Router> {
         Engine::new(config.eucast_version.as_deref(), dispatcher.clone())
             .map_err(anyhow::Error::msg)?,
     );
+    let dm1990 = Arc::new(
+        crate::surveillance::dm1990::Dm1990::new(dispatcher.clone()).map_err(anyhow::Error::msg)?,
+    );
     // the rules every write transaction runs before it commits, in this order
     store.install_hooks(Arc::new([
         Arc::new(crate::subscriptions::SubscriptionHook {
             dispatcher: dispatcher.clone(),
         }) as Arc<dyn crate::store::PreCommit>,
         engine.clone(),
+        dm1990.clone(),
     ]));
     let base = config
         .base_url

@@ -12,6 +12,7 @@ use super::interactions::{self, Written, conditional_match, parse_etag};
 use super::responses::{bundle, entry_response, parse_body};
 use super::write_task::Liveness;
 use super::write_tx::WriteTx;
+use crate::store::Note;
 use super::{AppState, Caller};
 use crate::error::{ApiError, ApiResult, Issue, operation_outcome};
 use crate::fhir::resource::{for_each_reference, is_valid_id, parse_json, resource_type, validate};
@@ -320,6 +321,19 @@ async fn execute(tx: &mut WriteTx, e: &mut Entry) -> ApiResult<Done> {
     }
 }
 
+/// The rules' receipts about an entry's resource join its warnings (its `response.outcome`).
+fn with_notes(mut d: Done, notes: &[Note]) -> Done {
+    if let Some(w) = &d.written {
+        d.warnings.extend(
+            notes
+                .iter()
+                .filter(|n| n.resource_type == w.stored.resource_type && n.id == w.stored.id)
+                .map(Issue::from_note),
+        );
+    }
+    d
+}
+
 fn response_entry(d: &Done, prefer: Prefer, base: &BaseUrl) -> ApiResult<Value> {
     let entry = written_entry(d, prefer, base)?;
     Ok(with_warnings(entry, &d.warnings))
@@ -514,11 +528,11 @@ async fn transaction(
         let d = execute(&mut tx, e).await.map_err(|err| at_entry(i, err))?;
         results[i] = Some(d);
     }
-    tx.commit().await?;
+    let notes = tx.commit().await?;
     Ok(Outcome::Transaction(
         results
             .into_iter()
-            .map(|d| d.expect("every entry ran"))
+            .map(|d| with_notes(d.expect("every entry ran"), &notes))
             .collect(),
     ))
 }
@@ -551,8 +565,8 @@ async fn batch(state: &AppState, caller: &Caller, live: &Liveness, raw: Vec<Valu
                 let d = execute(&mut tx, &mut e)
                     .await
                     .map_err(|err| at_entry(i, err))?;
-                tx.commit().await?;
-                Ok(d)
+                let notes = tx.commit().await?;
+                Ok(with_notes(d, &notes))
             }
             .await,
         );

@@ -9,6 +9,7 @@ use super::responses::resource_response;
 use super::{AppState, Caller};
 use crate::error::{ApiError, ApiResult, Issue};
 use crate::fhir::resource::{is_valid_id, parse_json, resource_type, validate};
+use crate::store::Note;
 use crate::surveillance::local_codes;
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -44,6 +45,17 @@ fn parse_and_validate(rt: &str, body: &[u8]) -> ApiResult<serde_json::Value> {
 
 /// The response to a write: 201 for a creation, 200 otherwise, with the body `Prefer` asks for;
 /// unmapped local codes are logged and, with `Prefer: return=OperationOutcome`, returned.
+/// The rules' receipts about the written resource join the warnings.
+fn with_notes(mut warnings: Vec<Issue>, notes: &[Note], written: &Written) -> Vec<Issue> {
+    warnings.extend(
+        notes
+            .iter()
+            .filter(|n| n.resource_type == written.stored.resource_type && n.id == written.stored.id)
+            .map(Issue::from_note),
+    );
+    warnings
+}
+
 fn write_response(
     written: &Written,
     prefer: Prefer,
@@ -81,7 +93,7 @@ pub async fn create(
     let id = uuid::Uuid::new_v4().to_string();
     let if_none_exist = header(&headers, "if-none-exist").map(String::from);
     let st = state.clone();
-    let written = state
+    let (written, notes) = state
         .writes
         .run(|live| async move {
             let mut tx = st.begin(&caller, &live).await?;
@@ -89,10 +101,11 @@ pub async fn create(
                 Some(q) => interactions::create_if_none_exist(&mut tx, resource, &id, &q).await?,
                 None => interactions::create(&mut tx, resource, &id).await?,
             };
-            tx.commit().await?;
-            Ok(written)
+            let notes = tx.commit().await?;
+            Ok((written, notes))
         })
         .await?;
+    let warnings = with_notes(warnings, &notes, &written);
     let location = written.created;
     Ok(write_response(&written, prefer, &base, location, &warnings))
 }
@@ -209,15 +222,16 @@ pub async fn update(
     }
     let expected = if_match(&headers)?;
     let st = state.clone();
-    let written = state
+    let (written, notes) = state
         .writes
         .run(|live| async move {
             let mut tx = st.begin(&caller, &live).await?;
             let written = interactions::update(&mut tx, resource, &id, expected).await?;
-            tx.commit().await?;
-            Ok(written)
+            let notes = tx.commit().await?;
+            Ok((written, notes))
         })
         .await?;
+    let warnings = with_notes(warnings, &notes, &written);
     Ok(write_response(&written, prefer, &base, true, &warnings))
 }
 
@@ -267,7 +281,7 @@ pub async fn conditional_update(
     let warnings = local_codes::warnings(&resource);
     let expected = if_match(&headers)?;
     let st = state.clone();
-    let written = state
+    let (written, notes) = state
         .writes
         .run(|live| async move {
             let mut tx = st.begin(&caller, &live).await?;
@@ -295,10 +309,11 @@ pub async fn conditional_update(
             }
             resource["id"] = serde_json::json!(id);
             let written = interactions::update(&mut tx, resource, &id, expected).await?;
-            tx.commit().await?;
-            Ok(written)
+            let notes = tx.commit().await?;
+            Ok((written, notes))
         })
         .await?;
+    let warnings = with_notes(warnings, &notes, &written);
     Ok(write_response(&written, prefer, &base, true, &warnings))
 }
 
@@ -319,7 +334,7 @@ pub async fn conditional_delete(
             if let Some(id) = interactions::conditional_match(&mut tx, &rt, &q).await? {
                 interactions::delete(&mut tx, &rt, &id, None).await?;
             }
-            Ok(tx.commit().await?)
+            tx.commit().await
         })
         .await?;
     let mut r = Response::new(axum::body::Body::empty());

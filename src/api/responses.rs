@@ -53,6 +53,7 @@ pub fn resource_response(
                     stored.resource_type, stored.id, stored.version_id
                 ),
                 expression: None,
+                details: None,
             }];
             issues.extend_from_slice(warnings);
             fhir_json(status, &operation_outcome(&issues))

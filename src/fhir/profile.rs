@@ -30,6 +30,22 @@ pub fn resources_of_kind(kind: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The JSON data files of `profiles/` whose names start with `prefix` (rule sets), with their names.
+pub fn data_files(prefix: &str) -> Vec<(String, Value)> {
+    let mut out: Vec<(String, Value)> = FOLDER
+        .files()
+        .filter_map(|f| {
+            let name = f.path().file_name()?.to_str()?.to_string();
+            (name.starts_with(prefix) && name.ends_with(".json")).then_some(())?;
+            let v = serde_json::from_slice(f.contents())
+                .unwrap_or_else(|e| panic!("profiles/{name} is not valid JSON: {e}"));
+            Some((name, v))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
 /// Our StructureDefinitions by canonical URL.
 pub fn profiles() -> &'static HashMap<String, Value> {
     static P: OnceLock<HashMap<String, Value>> = OnceLock::new();

@@ -64,8 +64,9 @@ pub fn validate(resource: &Value) -> Result<(), ApiError> {
     if !issues.is_empty() {
         return Err(ApiError::invalid(issues));
     }
-    // national rules (a valid codice fiscale): well-formed FHIR that breaks them is a 422
-    let issues = crate::italy::check(resource);
+    // national rules (a valid codice fiscale) and the code systems the rules read (ICD-9-CM): well-formed FHIR that breaks them is a 422
+    let mut issues = crate::italy::check(resource);
+    issues.extend(crate::terminology::icd9::check(resource));
     if issues.is_empty() {
         Ok(())
     } else {

@@ -1,5 +1,6 @@
 //! Italian identifiers and places (shared/DOMAIN.md §3).
 pub mod codice_fiscale;
+pub mod places;
 
 use serde_json::Value;
 

@@ -42,6 +42,7 @@ pub fn warnings(resource: &Value) -> Vec<Issue> {
                          the resource is stored, but the surveillance rules cannot read this element until the code is mapped"
                     ),
                     expression: Some(path.clone()),
+                    details: None,
                 });
             }
         }

@@ -1,6 +1,7 @@
 //! Sentinella's own terminology: the CodeSystems, ValueSets and ConceptMaps of `terminology/`
 //! (embedded in the binary; the folder is the source) and the EUCAST breakpoint tables.
 pub mod breakpoints;
+pub mod icd9;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;
@@ -35,6 +36,8 @@ pub struct Terminology {
     maps: HashMap<String, HashMap<Code, Vec<Code>>>,
     displays: HashMap<Code, String>,
     pub breakpoints: Breakpoints,
+    /// The ICD-9-CM hierarchy.
+    pub icd9: icd9::Icd9,
     /// File name → resource, for the CapabilityStatement and checks at start.
     pub resources: Vec<Value>,
 }
@@ -45,6 +48,7 @@ pub fn is_standard_system(system: &str) -> bool {
         || system.starts_with("http://terminology.hl7.org/")
         || system.starts_with("http://hl7.org/fhir/")
         || system.starts_with(CANON)
+        || system.starts_with("https://www.hl7.it/fhir/terminology/")
 }
 
 impl Terminology {
@@ -141,6 +145,7 @@ impl Terminology {
             maps,
             displays,
             breakpoints: breakpoints.ok_or("terminology/eucast-breakpoints.json is missing")?,
+            icd9: icd9::Icd9::from_resources(&resources),
             resources,
         })
     }
@@ -273,7 +278,13 @@ mod tests {
                     assert!(sourced, "{name}: concept {} names no source", c["code"]);
                 }
             }
+            // ICD-9-CM is one published code system whose source the description names; its
+            // concepts carry CMS's own descriptions, not a source each
+            let whole_system = r["url"] == ICD9CM;
             for c in r["concept"].as_array().into_iter().flatten() {
+                if whole_system {
+                    continue;
+                }
                 assert!(
                     c["definition"].as_str().is_some(),
                     "{name}: concept {} has no definition",
