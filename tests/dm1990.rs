@@ -2547,7 +2547,7 @@ on_both_databases! {
         assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.text);
         assert_eq!(r.body["resourceType"], "OperationOutcome");
         let i = bundle["entry"].as_array().unwrap().iter().position(|e| e["fullUrl"] == full_url(CONDITION).as_str()).unwrap();
-        let expected = format!("Bundle.entry[{i}].resource.Condition.code.coding[0]");
+        let expected = format!("Bundle.entry[{i}].resource.code.coding[0]");
         assert!(r.expressions().contains(&expected), "{expected} in {}", r.text);
         assert_nothing_stored(&app, &report).await;
     }
@@ -2558,7 +2558,7 @@ on_both_databases! {
         let r = app.post("/fhir", &bundle).await;
         assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.text);
         let i = bundle["entry"].as_array().unwrap().iter().position(|e| e["fullUrl"] == full_url(SEGNALAZIONE).as_str()).unwrap();
-        let expected = format!("Bundle.entry[{i}].resource.Communication.reasonCode[0].coding[0]");
+        let expected = format!("Bundle.entry[{i}].resource.reasonCode[0].coding[0]");
         assert!(r.expressions().contains(&expected), "{expected} in {}", r.text);
         assert_nothing_stored(&app, &report).await;
     }

@@ -327,9 +327,10 @@ fn case_body(
             }
         }
     }
-    let mut reason = vec![json!({"coding": [coding_or(ICD9CM, &disease.code, &disease.name)]})];
+    let key = first.disease.clone().unwrap_or_else(|| disease.code.clone());
+    let mut reason = vec![json!({"coding": [coding_or(ICD9CM, &key, &disease.name)]})];
     if let Some(code) = &first.code
-        && code != &disease.code
+        && code != &key
     {
         reason.push(json!({"coding": [coding(ICD9CM, code)]}));
     }

@@ -142,7 +142,9 @@ async fn body(
     let disease_code = first.disease.clone().unwrap_or_default();
     let disease = set
         .classify(&disease_code)
+        .filter(|c| !c.disease.by_reported_code)
         .map(|c| c.disease.name.clone())
+        .or_else(|| t.display(ICD9CM, &disease_code).map(String::from))
         .unwrap_or_default();
     // the members' case notifications where they have one (class IV), else their segnalazione
     let mut about = Vec::new();

@@ -76,6 +76,9 @@ pub struct Report {
     pub missing: Vec<String>,
     /// The rule-state key of the case it belongs to.
     pub case_key: Option<String>,
+    /// Every resource the segnalazione names (`Type/id`), sent yet or not: their arrival re-decides it.
+    #[serde(default)]
+    pub links: Vec<String>,
 }
 
 impl Report {
@@ -109,6 +112,9 @@ impl Report {
         }
         for e in &self.evidence {
             out.push(format!("ref:{}", e.reference));
+        }
+        for l in &self.links {
+            out.push(format!("ref:{l}"));
         }
         if let Some(p) = &self.patient_id {
             out.push(format!("patient:Patient/{p}"));
@@ -272,6 +278,11 @@ pub async fn read_report(
     named.extend(comm["reasonReference"].as_array().into_iter().flatten().cloned());
     let mut observations: Vec<String> = Vec::new();
     for n in &named {
+        if let Some(reference) = n["reference"].as_str()
+            && reference.split('/').count() == 2
+        {
+            r.links.push(reference.to_string());
+        }
         if r.condition.is_none()
             && let Some(c) = target(n, "Condition")
         {
@@ -349,7 +360,7 @@ pub async fn read_report(
         return Ok(r);
     };
     r.class = Some(c.class.class);
-    r.disease = Some(c.disease.code.clone());
+    r.disease = Some(c.disease.key(&code));
     let plain: super::rules::Results = results
         .iter()
         .map(|(k, (v, _))| (k.clone(), v.clone()))

@@ -91,6 +91,9 @@ pub struct Disease {
     pub wait_while_in_progress: Vec<String>,
     pub previous_treatment: Option<PreviousTreatment>,
     pub episode_days: Option<Option<i64>>,
+    /// A catch-all entry (class V): the reported code is the disease, not the entry.
+    #[serde(default)]
+    pub by_reported_code: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -259,6 +262,15 @@ impl RuleSet {
 }
 
 impl Disease {
+    /// The disease a reported code stands for (cases and outbreaks are per disease).
+    pub fn key(&self, reported: &str) -> String {
+        if self.by_reported_code {
+            reported.to_string()
+        } else {
+            self.code.clone()
+        }
+    }
+
     pub fn listed_codes(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.code.as_str()).chain(self.codes.iter().map(String::as_str))
     }
