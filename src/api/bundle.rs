@@ -12,11 +12,11 @@ use super::interactions::{self, Written, conditional_match, parse_etag};
 use super::responses::{bundle, entry_response, parse_body};
 use super::write_task::Liveness;
 use super::write_tx::WriteTx;
-use crate::store::Note;
 use super::{AppState, Caller};
 use crate::error::{ApiError, ApiResult, Issue, operation_outcome};
 use crate::fhir::resource::{for_each_reference, is_valid_id, parse_json, resource_type, validate};
 use crate::fhir::schema::SchemaValidators;
+use crate::store::Note;
 use crate::surveillance::local_codes;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -50,7 +50,9 @@ fn with_notes(mut warnings: Vec<Issue>, notes: &[Note], written: &Written) -> Ve
     warnings.extend(
         notes
             .iter()
-            .filter(|n| n.resource_type == written.stored.resource_type && n.id == written.stored.id)
+            .filter(|n| {
+                n.resource_type == written.stored.resource_type && n.id == written.stored.id
+            })
             .map(Issue::from_note),
     );
     warnings

@@ -88,7 +88,7 @@ pub fn capability_statement(base: &str, development: bool) -> Value {
         "kind": "instance",
         "software": {"name": "Sentinella", "version": env!("CARGO_PKG_VERSION")},
         "implementation": {"description": "Sentinella FHIR R4 server", "url": base},
-        "description": "Every write is checked against the CRE case definition (profiles/case-definition-cre.json) inside its own transaction; CRE cases are Communication resources with profile notifica-caso. Subscribers receive them per the Subscriptions Backport IG 1.1.0 (rest-hook, or NATS JetStream by the backport-channel-type extension) from a durable outbox.",
+        "description": description(),
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json", "application/fhir+xml", "xml"],
         "rest": [{
@@ -105,6 +105,27 @@ pub fn capability_statement(base: &str, development: bool) -> Value {
             },
         }],
     })
+}
+
+/// What the rules do, with the canonical URLs of the rule sets and of the extensions and code
+/// systems senders use (they are not resource profiles, so `supportedProfile` cannot list them).
+fn description() -> String {
+    let mut sets = vec![
+        crate::surveillance::definition::CaseDefinition::cre()
+            .map(|d| d.canonical())
+            .unwrap_or_default(),
+    ];
+    sets.extend(
+        crate::surveillance::dm1990::rules::RuleSet::load_all()
+            .unwrap_or_default()
+            .iter()
+            .map(|s| s.canonical()),
+    );
+    let canon = crate::terminology::CANON;
+    format!(
+        "Every write runs the surveillance rule sets ({}) inside its own transaction: laboratory results against the CRE case definition, doctors' notifications (Communication profile segnalazione, with the Condition, criterio-diagnostico Observations and laboratory evidence) against the five classes of D.M. 15/12/1990, with deadlines, routing to the residence ASL and region, and outbreaks. Cases and outbreaks are Communication resources with profile notifica-caso; each segnalazione is answered with a receipt (OperationOutcome issue coded in {canon}/CodeSystem/esito-segnalazione). Extensions senders use: {canon}/StructureDefinition/comunita, {canon}/StructureDefinition/precedenti-trattamenti. Code systems: {canon}/CodeSystem/criterio-diagnostico, {canon}/CodeSystem/esito-criterio, http://hl7.org/fhir/sid/icd-9-cm (CMS version 32, every code checked). Subscribers receive notifications per the Subscriptions Backport IG 1.1.0 (rest-hook, or NATS JetStream by the backport-channel-type extension) from a durable outbox.",
+        sets.join(", ")
+    )
 }
 
 pub async fn metadata(

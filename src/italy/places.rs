@@ -37,7 +37,10 @@ pub fn place_of_comune(comune: &str) -> Option<Place> {
         .first()
         .map(|c| c.1.clone());
     let asl = t
-        .translate("comune-asl", &(ISTAT_COMUNI.to_string(), comune.to_string()))
+        .translate(
+            "comune-asl",
+            &(ISTAT_COMUNI.to_string(), comune.to_string()),
+        )
         .first()
         .or_else(|| t.translate("comune-asl", &by_province).first())
         .map(|c| c.1.clone());

@@ -2,8 +2,8 @@
 //! to what the write touched, and case notifications are created, updated or withdrawn in the same
 //! database transaction, so a 2xx means the case exists (or does not) durably.
 pub mod calendar;
-pub mod dm1990;
 pub mod definition;
+pub mod dm1990;
 pub mod evaluate;
 mod links;
 pub mod local_codes;

@@ -93,7 +93,12 @@ pub fn check(resource: &Value) -> Vec<crate::error::Issue> {
     };
     let mut issues = Vec::new();
     for (path, concept) in concepts {
-        for (i, coding) in concept["coding"].as_array().into_iter().flatten().enumerate() {
+        for (i, coding) in concept["coding"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
             if coding["system"] != ICD9CM {
                 continue;
             }

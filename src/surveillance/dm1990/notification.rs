@@ -177,13 +177,24 @@ pub async fn write_notification(
     tx.write(&v).await?;
     engine
         .dispatcher
-        .on_write(tx, "Communication", id, version, old.as_ref(), v.resource.as_deref())
+        .on_write(
+            tx,
+            "Communication",
+            id,
+            version,
+            old.as_ref(),
+            v.resource.as_deref(),
+        )
         .await
 }
 
 /// Withdraw a notification (status entered-in-error, same identifier), if it was notified.
 pub async fn withdraw(engine: &Dm1990, tx: &mut dyn StoreTx, id: &str) -> StoreResult<()> {
-    let Some(current) = tx.current("Communication", id).await?.filter(|c| !c.deleted) else {
+    let Some(current) = tx
+        .current("Communication", id)
+        .await?
+        .filter(|c| !c.deleted)
+    else {
         return Ok(());
     };
     let Some(mut body) = current
@@ -230,7 +241,15 @@ pub async fn refresh_case(
         return Ok(vec![]);
     }
     let recipients = Recipients::of(set, &class.recipients, &active);
-    let body = case_body(set, class, disease, &case.case_id, &active, &recipients, now);
+    let body = case_body(
+        set,
+        class,
+        disease,
+        &case.case_id,
+        &active,
+        &recipients,
+        now,
+    );
     write_notification(engine, reader.tx, &case.case_id, body).await?;
     Ok(recipients.warnings)
 }
@@ -327,7 +346,10 @@ fn case_body(
             }
         }
     }
-    let key = first.disease.clone().unwrap_or_else(|| disease.code.clone());
+    let key = first
+        .disease
+        .clone()
+        .unwrap_or_else(|| disease.code.clone());
     let mut reason = vec![json!({"coding": [coding_or(ICD9CM, &key, &disease.name)]})];
     if let Some(code) = &first.code
         && code != &key
@@ -366,7 +388,10 @@ fn coding_or(system: &str, code: &str, display: &str) -> Value {
 }
 
 fn roman(class: u8) -> &'static str {
-    ["", "I", "II", "III", "IV", "V"].get(class as usize).copied().unwrap_or("")
+    ["", "I", "II", "III", "IV", "V"]
+        .get(class as usize)
+        .copied()
+        .unwrap_or("")
 }
 
 fn case_summary(class: &Class, disease: &Disease, reports: &[&Report], due: Option<i64>) -> String {
@@ -448,7 +473,10 @@ pub fn receipt(engine: &Dm1990, r: &Report) -> Note {
     if let Some(c) = classified {
         let reports = [r];
         if let Some(d) = deadline(c.class, &reports) {
-            text.push_str(&format!(" Scadenza della segnalazione: {}.", format_instant(d)));
+            text.push_str(&format!(
+                " Scadenza della segnalazione: {}.",
+                format_instant(d)
+            ));
             if r.received_us > d {
                 text.push_str(" Segnalazione in ritardo.");
             }

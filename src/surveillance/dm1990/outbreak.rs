@@ -32,9 +32,9 @@ fn clusters(mut reports: Vec<Report>, window: i64) -> Vec<Vec<Report>> {
     reports.sort_by_key(|r| (r.onset_us.unwrap_or(i64::MAX), r.id.clone()));
     let mut out: Vec<Vec<Report>> = Vec::new();
     for r in reports {
-        let joins = out.last().and_then(|c| c.last()).is_some_and(|last| {
-            matches!((last.onset_us, r.onset_us), (Some(a), Some(b)) if b - a <= window)
-        });
+        let joins = out.last().and_then(|c| c.last()).is_some_and(
+            |last| matches!((last.onset_us, r.onset_us), (Some(a), Some(b)) if b - a <= window),
+        );
         if joins {
             out.last_mut().expect("checked").push(r);
         } else {
@@ -52,7 +52,11 @@ pub async fn refresh(
     now: i64,
 ) -> StoreResult<()> {
     let mut reports = Vec::new();
-    for (_, v) in reader.tx.state_tagged(STATE, &format!("comm:{group}")).await? {
+    for (_, v) in reader
+        .tx
+        .state_tagged(STATE, &format!("comm:{group}"))
+        .await?
+    {
         if let Ok(r) = serde_json::from_value::<Report>(v)
             && r.counts()
         {
@@ -69,7 +73,11 @@ pub async fn refresh(
         })
         .collect();
     let mut records: Vec<(String, OutbreakRecord)> = Vec::new();
-    for (key, v) in reader.tx.state_tagged(STATE, &format!("outbreak-of:{group}")).await? {
+    for (key, v) in reader
+        .tx
+        .state_tagged(STATE, &format!("outbreak-of:{group}"))
+        .await?
+    {
         if let Ok(o) = serde_json::from_value::<OutbreakRecord>(v) {
             records.push((key, o));
         }
@@ -123,7 +131,12 @@ async fn put(reader: &mut Reader<'_>, key: &str, record: &OutbreakRecord) -> Sto
     let value = serde_json::to_value(record).map_err(|e| StoreError::Rule(e.to_string()))?;
     reader
         .tx
-        .state_put(STATE, key, &value, &[format!("outbreak-of:{}", record.group)])
+        .state_put(
+            STATE,
+            key,
+            &value,
+            &[format!("outbreak-of:{}", record.group)],
+        )
         .await
 }
 

@@ -84,10 +84,7 @@ pub struct Report {
 impl Report {
     /// Does the report stand for a case (notified, or recorded for the summary)?
     pub fn counts(&self) -> bool {
-        matches!(
-            self.outcome.as_str(),
-            outcome::NOTIFIED | outcome::RECORDED
-        )
+        matches!(self.outcome.as_str(), outcome::NOTIFIED | outcome::RECORDED)
     }
 
     /// The dedup key of its case: identity and disease.
@@ -136,8 +133,10 @@ pub fn is_segnalazione(c: &Value) -> bool {
     }
     let profile = format!("{CANON}/StructureDefinition/segnalazione");
     let profiled = c["meta"]["profile"].as_array().is_some_and(|p| {
-        p.iter()
-            .any(|u| u.as_str().is_some_and(|u| u.split('|').next() == Some(profile.as_str())))
+        p.iter().any(|u| {
+            u.as_str()
+                .is_some_and(|u| u.split('|').next() == Some(profile.as_str()))
+        })
     });
     profiled || icd9_code(&c["reasonCode"][0]).is_some()
 }
@@ -174,9 +173,12 @@ fn laboratory_result(t: &Terminology, obs: &Value) -> Option<(String, String)> {
         .filter(|c| c["system"] == LOINC)
         .filter_map(|c| c["code"].as_str())
         .find_map(|code| {
-            t.translate("laboratorio-criterio", &(LOINC.to_string(), code.to_string()))
-                .first()
-                .map(|c| c.1.clone())
+            t.translate(
+                "laboratorio-criterio",
+                &(LOINC.to_string(), code.to_string()),
+            )
+            .first()
+            .map(|c| c.1.clone())
         })?;
     let status = obs["status"].as_str().unwrap_or_default();
     let result = match status {
@@ -184,7 +186,10 @@ fn laboratory_result(t: &Terminology, obs: &Value) -> Option<(String, String)> {
         "final" | "amended" | "corrected" => {
             let mut codes: Vec<Code> = t.standard_codes(&obs["valueCodeableConcept"]);
             codes.extend(t.standard_codes(&obs["interpretation"][0]));
-            if codes.iter().any(|c| t.in_value_set("risultato-non-rilevato", c)) {
+            if codes
+                .iter()
+                .any(|c| t.in_value_set("risultato-non-rilevato", c))
+            {
                 "negativo"
             } else if codes
                 .iter()
@@ -260,12 +265,16 @@ pub async fn read_report(
             r.notifying_asl = Some(asl);
             break;
         }
-        if let Some((_, org)) = reader.follow(rec, "Organization").await? {
-            if let Some(asl) = org["identifier"].as_array().into_iter().flatten().find_map(asl_of) {
-                let name = org["name"].as_str().unwrap_or(&asl.1).to_string();
-                r.notifying_asl = Some((asl.0, name));
-                break;
-            }
+        if let Some((_, org)) = reader.follow(rec, "Organization").await?
+            && let Some(asl) = org["identifier"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find_map(asl_of)
+        {
+            let name = org["name"].as_str().unwrap_or(&asl.1).to_string();
+            r.notifying_asl = Some((asl.0, name));
+            break;
         }
     }
     // the Condition and the evidence named in the payload (or as the reason)
@@ -275,7 +284,13 @@ pub async fn read_report(
         .flatten()
         .map(|p| p["contentReference"].clone())
         .collect();
-    named.extend(comm["reasonReference"].as_array().into_iter().flatten().cloned());
+    named.extend(
+        comm["reasonReference"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .cloned(),
+    );
     let mut observations: Vec<String> = Vec::new();
     for n in &named {
         if let Some(reference) = n["reference"].as_str()
@@ -313,7 +328,10 @@ pub async fn read_report(
         let Some(obs) = reader.read("Observation", &oid).await? else {
             continue;
         };
-        if matches!(obs["status"].as_str(), Some("entered-in-error" | "cancelled")) {
+        if matches!(
+            obs["status"].as_str(),
+            Some("entered-in-error" | "cancelled")
+        ) {
             continue;
         }
         let Some((criterion, result)) = stated_result(&obs).or_else(|| laboratory_result(t, &obs))
@@ -400,7 +418,8 @@ pub async fn read_report(
     };
     // only the results that decided are the case's evidence
     let used: Vec<&String> = results.values().map(|(_, reference)| reference).collect();
-    r.evidence.retain(|e| used.contains(&&e.reference) || e.result == "positivo");
+    r.evidence
+        .retain(|e| used.contains(&&e.reference) || e.result == "positivo");
     Ok(r)
 }
 

@@ -176,7 +176,8 @@ impl RuleSet {
             if v["engine"] != "dm-1990" {
                 continue;
             }
-            let set: RuleSet = serde_json::from_value(v).map_err(|e| format!("profiles/{name}: {e}"))?;
+            let set: RuleSet =
+                serde_json::from_value(v).map_err(|e| format!("profiles/{name}: {e}"))?;
             set.check()?;
             out.push(set);
         }
@@ -186,7 +187,10 @@ impl RuleSet {
     /// Every code named must exist in ICD-9-CM (when loaded), every criterion in its CodeSystem.
     fn check(&self) -> Result<(), String> {
         let t = Terminology::get();
-        let criteria = format!("{}/CodeSystem/criterio-diagnostico", crate::terminology::CANON);
+        let criteria = format!(
+            "{}/CodeSystem/criterio-diagnostico",
+            crate::terminology::CANON
+        );
         for c in &self.classes {
             for d in &c.diseases {
                 for code in d.listed_codes() {
@@ -195,9 +199,19 @@ impl RuleSet {
                     }
                 }
                 for o in self.options_of(c, d) {
-                    for crit in o.all.iter().chain(&o.any).chain(o.at_least.iter().flat_map(|a| &a.of)) {
-                        if t.display(&criteria, crit).is_none() && t.resources.iter().any(|r| r["url"] == criteria) {
-                            return Err(format!("{}: criterion {crit} is not in criterio-diagnostico", self.url));
+                    for crit in o
+                        .all
+                        .iter()
+                        .chain(&o.any)
+                        .chain(o.at_least.iter().flat_map(|a| &a.of))
+                    {
+                        if t.display(&criteria, crit).is_none()
+                            && t.resources.iter().any(|r| r["url"] == criteria)
+                        {
+                            return Err(format!(
+                                "{}: criterion {crit} is not in criterio-diagnostico",
+                                self.url
+                            ));
                         }
                     }
                 }
@@ -256,7 +270,12 @@ impl RuleSet {
             any: vec![],
             at_least: None,
         }];
-        out.extend(disease.sufficient.clone().unwrap_or_else(|| class.sufficient.clone()));
+        out.extend(
+            disease
+                .sufficient
+                .clone()
+                .unwrap_or_else(|| class.sufficient.clone()),
+        );
         out
     }
 }
@@ -307,15 +326,23 @@ pub fn decide_criteria(set: &RuleSet, c: Classified<'_>, results: &Results) -> C
         .cloned()
         .collect();
     // a work-up still running waits, unless what it waits for already proved the case (TB A)
-    let proved_by_waited = options
-        .iter()
-        .filter(|o| held.contains(&o.label))
-        .any(|o| o.all.iter().any(|a| in_progress.contains(a) || results.get(a).is_some_and(|r| r == "positivo") && c.disease.wait_while_in_progress.contains(a)));
+    let proved_by_waited = options.iter().filter(|o| held.contains(&o.label)).any(|o| {
+        o.all.iter().any(|a| {
+            in_progress.contains(a)
+                || results.get(a).is_some_and(|r| r == "positivo")
+                    && c.disease.wait_while_in_progress.contains(a)
+        })
+    });
     if !held.is_empty() && (in_progress.is_empty() || proved_by_waited) {
         return CriteriaOutcome::Held(held);
     }
     if !in_progress.is_empty() {
-        return CriteriaOutcome::Waiting(in_progress.iter().map(|w| format!("{w} in corso")).collect());
+        return CriteriaOutcome::Waiting(
+            in_progress
+                .iter()
+                .map(|w| format!("{w} in corso"))
+                .collect(),
+        );
     }
     // the nearest option: the one missing least
     let missing = options
