@@ -369,7 +369,7 @@ pub async fn read_report(
         .or_else(|| comm["sent"].as_str().map(String::from))
         .unwrap_or_else(|| crate::fhir::datetime::format_instant(now));
     let day = day.get(..10).unwrap_or(&day).to_string();
-    let Some(set) = sets.iter().find(|s| s.valid_on(&day)) else {
+    let Some(set) = super::rules::in_force(sets, &day) else {
         r.missing = vec![format!("nessun insieme di regole in vigore il {day}")];
         return Ok(r);
     };

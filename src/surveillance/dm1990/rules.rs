@@ -303,6 +303,14 @@ impl Disease {
     }
 }
 
+/// The rule set in force on a day (`YYYY-MM-DD`): the one whose validity contains it; where two
+/// overlap, the one that started last (a newer decree supersedes from its start).
+pub fn in_force<'a>(sets: &'a [RuleSet], day: &str) -> Option<&'a RuleSet> {
+    sets.iter()
+        .filter(|s| s.valid_on(day))
+        .max_by(|a, b| a.validity.from.cmp(&b.validity.from))
+}
+
 /// What the criteria say: held (by which options), waiting (for what), or no criteria apply.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CriteriaOutcome {
@@ -325,15 +333,9 @@ pub fn decide_criteria(set: &RuleSet, c: Classified<'_>, results: &Results) -> C
         .filter(|w| results.get(*w).is_some_and(|r| r == "in-corso"))
         .cloned()
         .collect();
-    // a work-up still running waits, unless what it waits for already proved the case (TB A)
-    let proved_by_waited = options.iter().filter(|o| held.contains(&o.label)).any(|o| {
-        o.all.iter().any(|a| {
-            in_progress.contains(a)
-                || results.get(a).is_some_and(|r| r == "positivo")
-                    && c.disease.wait_while_in_progress.contains(a)
-        })
-    });
-    if !held.is_empty() && (in_progress.is_empty() || proved_by_waited) {
+    // a work-up still running waits (a positive result of the same criterion outranks it, so a
+    // culture that already proved the case is never "in progress" here)
+    if !held.is_empty() && in_progress.is_empty() {
         return CriteriaOutcome::Held(held);
     }
     if !in_progress.is_empty() {
@@ -351,4 +353,102 @@ pub fn decide_criteria(set: &RuleSet, c: Classified<'_>, results: &Results) -> C
         .min_by_key(|m| m.len())
         .unwrap_or_default();
     CriteriaOutcome::Waiting(missing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dm1990() -> RuleSet {
+        RuleSet::load_all().unwrap().remove(0)
+    }
+
+    fn entry(set: &RuleSet, code: &str) -> Option<(u8, String)> {
+        set.classify(code)
+            .map(|c| (c.class.class, c.disease.key(code)))
+    }
+
+    #[test]
+    fn resolution_005_1_is_class_i_and_other_005_class_iv() {
+        let set = dm1990();
+        assert_eq!(entry(&set, "005.1"), Some((1, "005.1".into())));
+        assert_eq!(entry(&set, "005.0"), Some((4, "005".into())));
+        assert_eq!(entry(&set, "005.89"), Some((4, "005".into())));
+    }
+
+    #[test]
+    fn resolution_most_specific_listed_code_wins() {
+        let set = dm1990();
+        assert_eq!(entry(&set, "070.30"), Some((2, "070.3".into())));
+        assert_eq!(entry(&set, "070.1"), Some((2, "070.1".into())));
+        assert_eq!(entry(&set, "070.20"), Some((2, "070".into())));
+        assert_eq!(entry(&set, "011.93"), Some((3, "010-018".into())));
+        // class V: each other chapter-1 code is a disease of its own
+        assert_eq!(entry(&set, "008.61"), Some((5, "008.61".into())));
+        assert_eq!(entry(&set, "250.00"), None);
+    }
+
+    #[test]
+    fn a_later_decree_sits_beside_this_one_and_the_date_picks_the_set() {
+        let mut old = dm1990();
+        old.validity.to = Some("2022-03-06".into());
+        let mut newer = dm1990();
+        newer.version = "premal".into();
+        newer.validity.from = "2022-03-07".into();
+        let sets = vec![old, newer];
+        assert_eq!(in_force(&sets, "2021-12-31").unwrap().version, "1.0.0");
+        assert_eq!(in_force(&sets, "2022-03-06").unwrap().version, "1.0.0");
+        assert_eq!(in_force(&sets, "2022-03-07").unwrap().version, "premal");
+        assert!(in_force(&sets, "1990-12-31").is_none());
+    }
+
+    #[test]
+    fn tb_criteria_a_to_d() {
+        let set = dm1990();
+        let c = set.classify("011.90").unwrap();
+        let results = |pairs: &[(&str, &str)]| -> Results {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let held = |r: &Results| match decide_criteria(&set, c, r) {
+            CriteriaOutcome::Held(h) => h,
+            CriteriaOutcome::Waiting(_) => vec![],
+        };
+        assert_eq!(held(&results(&[("coltura", "positivo")])), ["A"]);
+        assert_eq!(
+            held(&results(&[
+                ("esame-diretto", "positivo"),
+                ("imaging", "positivo")
+            ])),
+            ["B"]
+        );
+        assert_eq!(
+            held(&results(&[
+                ("clinica", "positivo"),
+                ("imaging", "positivo"),
+                ("mantoux", "positivo")
+            ])),
+            ["C"]
+        );
+        assert!(
+            held(&results(&[
+                ("clinica", "positivo"),
+                ("mantoux", "positivo")
+            ]))
+            .is_empty()
+        );
+        assert_eq!(held(&results(&[("autopsia", "positivo")])), ["D"]);
+        // a culture in progress waits, even when B holds
+        let waiting = results(&[
+            ("esame-diretto", "positivo"),
+            ("clinica", "positivo"),
+            ("coltura", "in-corso"),
+        ]);
+        assert!(matches!(
+            decide_criteria(&set, c, &waiting),
+            CriteriaOutcome::Waiting(_)
+        ));
+    }
 }
