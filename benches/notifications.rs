@@ -349,7 +349,9 @@ fn person(p: u64) -> Person {
 fn identity_of(cf: &str) -> String {
     format!(
         "CF:{}",
-        CodiceFiscale::parse(cf).expect("valid codice fiscale").identity()
+        CodiceFiscale::parse(cf)
+            .expect("valid codice fiscale")
+            .identity()
     )
 }
 
@@ -1229,7 +1231,12 @@ fn receipt(body: &Value) -> Option<String> {
     body["entry"]
         .as_array()?
         .iter()
-        .flat_map(|e| e["response"]["outcome"]["issue"].as_array().into_iter().flatten())
+        .flat_map(|e| {
+            e["response"]["outcome"]["issue"]
+                .as_array()
+                .into_iter()
+                .flatten()
+        })
         .flat_map(|i| i["details"]["coding"].as_array().into_iter().flatten())
         .find(|c| c["system"] == system.as_str())
         .and_then(|c| c["code"].as_str())
@@ -1621,11 +1628,18 @@ fn write_bundles(cfg: &Config, dir: &std::path::Path) -> Result<()> {
         rfc3339(now)
     );
     std::fs::write(dir.join("workload.txt"), &line)?;
-    print!("wrote {} Bundles to {}: {line}", reports.len(), dir.display());
+    print!(
+        "wrote {} Bundles to {}: {line}",
+        reports.len(),
+        dir.display()
+    );
     Ok(())
 }
 
-fn to_bodies(reports: &[(Kind, Segnalazione)], now: OffsetDateTime) -> Result<(Vec<Kind>, Vec<Bytes>)> {
+fn to_bodies(
+    reports: &[(Kind, Segnalazione)],
+    now: OffsetDateTime,
+) -> Result<(Vec<Kind>, Vec<Bytes>)> {
     let mut kinds = Vec::with_capacity(reports.len());
     let mut bodies = Vec::with_capacity(reports.len());
     for (k, s) in reports {
@@ -1769,7 +1783,9 @@ async fn measure(cfg: &Config, own_database: bool) -> Result<bool> {
                     println!("    {line}");
                 }
                 inspect.analyze().await?;
-                println!("  plan after ANALYZE rule_state, rule_state_tags (what autovacuum does):");
+                println!(
+                    "  plan after ANALYZE rule_state, rule_state_tags (what autovacuum does):"
+                );
             } else {
                 println!("  plan of the comm lookup:");
             }
@@ -1799,10 +1815,7 @@ async fn measure(cfg: &Config, own_database: bool) -> Result<bool> {
                 );
             }
             let lookups_us: Vec<f64> = lookups.iter().map(|d| d.as_secs_f64() * 1e6).collect();
-            let (l50, l99) = (
-                percentile(&lookups_us, 50.0),
-                percentile(&lookups_us, 99.0),
-            );
+            let (l50, l99) = (percentile(&lookups_us, 50.0), percentile(&lookups_us, 99.0));
             println!(
                 "  comm lookup through the store ({} lookups, {:.2} rows each): µs p50 {l50:.1} p99 {l99:.1}",
                 lookups.len(),
@@ -2051,7 +2064,10 @@ async fn measure(cfg: &Config, own_database: bool) -> Result<bool> {
         ok = false;
     }
     if checks.failures > 0 {
-        println!("FAILED: {} requests or receipts wrong; first:", checks.failures);
+        println!(
+            "FAILED: {} requests or receipts wrong; first:",
+            checks.failures
+        );
         for f in &checks.first {
             println!("  {f}");
         }

@@ -2777,4 +2777,84 @@ on_both_databases_fast! {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    // ---- found in review: routing without any place, episodes, outbreaks, pieces racing --------------
+
+    async fn routing_without_comune_or_notifying_asl_goes_to_the_ministry_with_a_warning(app) {
+        let mut bundle = morbillo("morbillo", 1).homeless().bundle();
+        let entries = bundle["entry"].as_array_mut().unwrap();
+        entries.retain(|e| e["fullUrl"] != full_url(ASL).as_str());
+        let segnalazione = entries.iter_mut().find(|e| e["fullUrl"] == full_url(SEGNALAZIONE).as_str()).unwrap();
+        segnalazione["resource"].as_object_mut().unwrap().shift_remove("recipient");
+        let posted = post_bundle(&app, &bundle).await;
+        assert_eq!(posted.receipt().code, "notificato", "{:#?}", posted.receipt());
+        assert!(posted.receipt().has_warning(), "{:#?}", posted.receipt());
+        let case = the_case_of(&app, &posted.patient()).await;
+        assert_eq!(recipients(&case), set(&[r_minsal()]), "{case:#}");
+    }
+
+    async fn episode_a_second_report_beyond_the_window_is_a_new_case(app) {
+        // class II episodes last 90 days (rule data): measles twice, 200 days apart, is two cases
+        let first = post_report(&app, &morbillo("m-1", 1).onset(&days_ago(200)).recorded(&days_ago(199))).await;
+        post_report(&app, &morbillo("m-2", 1).onset(&days_ago(2)).recorded(&days_ago(1))).await;
+        assert_eq!(active_cases_of(&app, &first.patient()).await.len(), 2);
+    }
+
+    async fn episode_a_second_report_within_the_window_joins_the_case(app) {
+        let first = post_report(&app, &morbillo("m-1", 1).onset(&days_ago(20)).recorded(&days_ago(19))).await;
+        post_report(&app, &morbillo("m-2", 1).doctor(2).onset(&days_ago(18)).recorded(&days_ago(1))).await;
+        assert_eq!(active_cases_of(&app, &first.patient()).await.len(), 1);
+    }
+
+    async fn tb_relapse_reported_twice_is_one_relapse_case(app) {
+        let first = post_report(&app, &tb("tb-1", 1).onset(&days_ago(400)).recorded(&days_ago(395)).positive("coltura")).await;
+        post_report(&app, &tb("tb-2", 1).treatments("recidiva").onset(&days_ago(3)).positive("coltura")).await;
+        post_report(&app, &tb("tb-3", 1).doctor(2).treatments("recidiva").onset(&days_ago(3)).positive("coltura")).await;
+        assert_eq!(active_cases_of(&app, &first.patient()).await.len(), 2);
+    }
+
+    async fn tb_chronic_case_whose_notification_was_withdrawn_is_notified(app) {
+        let first = post_report(&app, &tb("tb-1", 1).onset(&days_ago(400)).recorded(&days_ago(395)).positive("coltura")).await;
+        correct(&app, &first.condition(), |c| set_verification(c, "entered-in-error")).await;
+        let chronic = post_report(&app, &tb("tb-2", 1).treatments("cronico").onset(&days_ago(3)).positive("coltura")).await;
+        assert_eq!(chronic.receipt().code, "notificato", "{:#?}", chronic.receipt());
+        assert_eq!(active_cases_of(&app, &first.patient()).await.len(), 1);
+    }
+
+    async fn outbreak_needs_two_people_not_two_reports_of_one(app) {
+        post_report(&app, &pediculosi("p-1", 1, "MIEE81601C", 5)).await;
+        post_report(&app, &pediculosi("p-2", 1, "MIEE81601C", 3).doctor(2)).await;
+        assert!(outbreaks(&app).await.is_empty());
+    }
+
+    async fn outbreak_onsets_beyond_the_window_are_no_outbreak(app) {
+        // the rule data's window is 42 days: onsets 60 days apart are two separate cases
+        post_report(&app, &pediculosi("p-1", 1, "MIEE81601C", 62)).await;
+        post_report(&app, &pediculosi("p-2", 2, "MIEE81601C", 2)).await;
+        assert!(outbreaks(&app).await.is_empty());
+    }
+
+    async fn pieces_racing_each_other_still_make_the_case(app) {
+        // the segnalazione, its Condition and its criterion PUT at the same moment, many times
+        for round in 0..6 {
+            let report = morbillo(&format!("corsa-{round}"), round + 1);
+            let pieces = report.pieces();
+            // the doctor and the ASL are shared by the rounds: created once, then updated
+            for slot in [PATIENT, DOCTOR, ASL] {
+                let (_, reference, resource) = pieces.iter().find(|(s, _, _)| *s == slot).unwrap();
+                let r = app.put(&format!("/fhir/{reference}"), resource, &[]).await;
+                assert!(r.status.is_success(), "{}", r.text);
+            }
+            let app = &app;
+            let puts = [SEGNALAZIONE, CONDITION, CRITERION].map(|slot| {
+                let (_, reference, resource) = pieces.iter().find(|(s, _, _)| *s == slot).unwrap().clone();
+                async move { app.put(&format!("/fhir/{reference}"), &resource, &[]).await }
+            });
+            for r in futures::future::join_all(puts).await {
+                assert!(r.status.is_success(), "{}", r.text);
+            }
+            let patient = report.piece_reference(PATIENT);
+            let case = the_case_of(&app, &patient).await;
+            assert_case(&case, &patient, "classe-2");
+        }
+    }
 }

@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# wrk benchmark of the release server: benches/wrk/run.sh ingest|crud [sqlite|postgres]
+# wrk benchmark of the release server: benches/wrk/run.sh ingest|crud|notifications [sqlite|postgres]
 #
-#   ingest  POST the transaction Bundles of benches/load.rs (11 resources each; 5% CRE cases, 20%
-#           returning patients, fixed seed), written to files with SENTINELLA_BENCH_WRITE_DIR
-#   crud    seed 2,000 Patients, then 40% create Patient, 40% read by id, 20% search by identifier
+#   ingest         POST the transaction Bundles of benches/load.rs (11 resources each; 5% CRE
+#                  cases, 20% returning patients, fixed seed), written to files with
+#                  SENTINELLA_BENCH_WRITE_DIR
+#   crud           seed 2,000 Patients, then 40% create Patient, 40% read by id, 20% search by
+#                  identifier
+#   notifications  POST the D.M. 1990 segnalazione transaction Bundles of benches/notifications.rs
+#                  (5 to 7 resources each; classes I-V mixed, 10% in outbreak communities, fixed
+#                  seed), written to files with SENTINELLA_NOTIF_WRITE_DIR; at the end the rules'
+#                  time inside write transactions, as the server logs it when it stops
 #
 # It builds nothing: it runs target/release/sentinella (cargo build --release) on a free loopback
 # port with a fresh SQLite file in a temporary directory, or a fresh PostgreSQL database
@@ -16,15 +22,20 @@
 # Needs: wrk (Debian/Ubuntu: apt-get install -y wrk; installed here when missing and apt-get is
 # usable as root), curl, and psql for postgres. The ingest Bundles come from the compiled load
 # bench (target/release/deps/load-*, built by `cargo build --release --benches` or a previous
-# `cargo bench --bench load`), else from `cargo bench --bench load`, which compiles it.
+# `cargo bench --bench load`), else from `cargo bench --bench load`, which compiles it; the
+# notifications Bundles likewise from target/release/deps/notifications-* or `cargo bench --bench
+# notifications`.
 #
 # Environment (all optional):
 #   DURATION=30s THREADS=2 CONNECTIONS=32 WRK_TIMEOUT=30s   the wrk run
-#   SENTINELLA_BENCH_N=20000                ingest: Bundles generated (sent round robin, each once
-#                                           unless the run outlasts them: then a warning)
+#   SENTINELLA_BENCH_N=20000                ingest, notifications: Bundles generated (sent round
+#                                           robin, each once unless the run outlasts them: then a
+#                                           warning)
 #   SENTINELLA_BENCH_CRE_PCT=5 SENTINELLA_BENCH_REPEAT_PCT=20 SENTINELLA_BENCH_SEED=20250601
-#   SENTINELLA_BENCH_BUNDLES=<dir>          ingest: use Bundles already written there
+#   SENTINELLA_BENCH_BUNDLES=<dir>          ingest, notifications: use Bundles already written there
 #   SENTINELLA_BENCH_LOAD_BIN=<path>        ingest: the compiled load bench to generate them with
+#   SENTINELLA_BENCH_NOTIF_BIN=<path>       notifications: the compiled notifications bench to
+#                                           generate them with
 #   SENTINELLA_BENCH_PATIENTS=2000          crud: seeded Patients
 #   SENTINELLA_BENCH_PG=postgres://postgres@127.0.0.1:5432   postgres: the server to create on
 #   SENTINELLA_BENCH_BIN=target/release/sentinella
@@ -39,7 +50,7 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 ingest|crud [sqlite|postgres]   (see the header of this script)" >&2
+    echo "usage: $0 ingest|crud|notifications [sqlite|postgres]   (see the header of this script)" >&2
     exit 2
 }
 
@@ -50,7 +61,7 @@ die() {
 
 scenario=${1:-}
 backend=${2:-sqlite}
-case $scenario in ingest | crud) ;; *) usage ;; esac
+case $scenario in ingest | crud | notifications) ;; *) usage ;; esac
 case $backend in sqlite | postgres) ;; *) usage ;; esac
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -262,7 +273,35 @@ fi
 # --- the scenario's input ----------------------------------------------------------------------
 
 wrk_env=(SENTINELLA_WRK_PATH="$fhir_path" SENTINELLA_WRK_THREADS="$threads")
-if [[ $scenario == ingest ]]; then
+if [[ $scenario == notifications ]]; then
+    script=$here/bundles.lua
+    bundles=${SENTINELLA_BENCH_BUNDLES:-}
+    if [[ -n $bundles ]]; then
+        [[ -f $bundles/bundle-00000.json ]] || die "$bundles holds no bundle-00000.json"
+        echo "workload: Bundles already in $bundles"
+    else
+        bundles=$workdir/bundles
+        gen_env=(SENTINELLA_NOTIF_WRITE_DIR="$bundles" SENTINELLA_NOTIF_N="$bundle_count"
+            SENTINELLA_BENCH_SEED="$seed")
+        notif_bin=${SENTINELLA_BENCH_NOTIF_BIN:-}
+        if [[ -z $notif_bin ]]; then
+            notif_bin=$(find "$root/target/release/deps" -maxdepth 1 -type f -name 'notifications-*' \
+                ! -name '*.*' -perm -u+x -printf '%T@ %p\n' 2>/dev/null | sort -rn | head -n 1 | cut -d' ' -f2-)
+        fi
+        echo "workload: D.M. 1990 segnalazioni N=$bundle_count seed=$seed"
+        if [[ -n $notif_bin ]]; then
+            echo "generating with $notif_bin"
+            env -u SENTINELLA_BENCH_DATABASE "${gen_env[@]}" "$notif_bin" | sed 's/^/  /'
+        else
+            echo "generating with cargo bench --bench notifications (compiles the bench if needed)"
+            (cd "$root" && env -u SENTINELLA_BENCH_DATABASE "${gen_env[@]}" \
+                cargo bench --bench notifications) | sed 's/^/  /'
+        fi
+        [[ -f $bundles/bundle-00000.json ]] || die "no Bundle was written to $bundles"
+    fi
+    [[ -f $bundles/workload.txt ]] && sed 's/^/  /' "$bundles/workload.txt"
+    wrk_env+=(SENTINELLA_WRK_BUNDLES="$bundles")
+elif [[ $scenario == ingest ]]; then
     script=$here/bundles.lua
     bundles=${SENTINELLA_BENCH_BUNDLES:-}
     if [[ -n $bundles ]]; then
@@ -382,6 +421,8 @@ echo "---"
 echo "server RSS MiB: ready $(mib "$rss_ready") | max sampled during wrk $(mib "$rss_max_kib") | peak (VmHWM) $(mib "$peak_kib")"
 if [[ $scenario == ingest ]]; then
     awk -v r="$(field rps)" 'BEGIN { printf "ingest: %.1f Bundles/s = %.1f resources/s (11 per Bundle)\n", r, r * 11 }'
+elif [[ $scenario == notifications ]]; then
+    awk -v r="$(field rps)" 'BEGIN { printf "notifications: %.1f segnalazione Bundles/s\n", r }'
 fi
 echo "run: commit $commit, wrk -t$threads -c$connections -d$duration, $(nproc) CPUs, $(date -u +%Y-%m-%dT%H:%MZ)"
 echo "$summary"
@@ -391,4 +432,19 @@ fi
 
 if [[ $errors == 0 ]]; then status=0; else status=1; fi
 stop_server
+if [[ $scenario == notifications && -z $external_url ]]; then
+    # logged by the server when its D.M. 1990 rules are dropped at shutdown
+    rules_line=$(grep -a 'D.M. 1990 rules' "$server_log" | sed -E 's/\x1b\[[0-9;]*m//g' | tail -n 1 || true)
+    if [[ -n $rules_line ]]; then
+        echo "rules (server log): $(sed -E 's/.*(transactions=[^ ]*) (total_ms=[^ ]*) (mean_us=[^ ]*).*/\1 \2 \3/' <<<"$rules_line")"
+        mean_us=$(sed -nE 's/.*mean_us=([0-9]+).*/\1/p' <<<"$rules_line")
+        if [[ -n $mean_us ]]; then
+            awk -v m="$mean_us" -v r="$(field rps)" -v c="$connections" -v p="$(field p50_ms)" 'BEGIN {
+                if (r > 0) printf "rules: %d us per write = %.1f%% of wall time per Bundle (%.0f us), %.1f%% of wall time x connections, %.1f%% of p50 latency\n",
+                    m, 100 * m / (1e6 / r), 1e6 / r, 100 * m / (1e6 / r * c), 100 * m / (p * 1000) }'
+        fi
+    else
+        echo "rules: the server log has no 'D.M. 1990 rules' line (logged at shutdown when the rules ran)"
+    fi
+fi
 exit "$status"

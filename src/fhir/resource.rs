@@ -46,6 +46,10 @@ pub fn resource_type(resource: &Value) -> Result<&str, ApiError> {
     }
 }
 
+/// The most payload items and reasons one Communication may carry: the rules read each one inside
+/// the writing transaction, so a client must not make that work unbounded.
+pub const MAX_COMMUNICATION_PARTS: usize = 200;
+
 /// Structural validation of one resource: the R4 JSON schema, then the StructureDefinition checks.
 /// Schema errors are a 400; the stricter StructureDefinition rules (cardinality, bindings) too, since
 /// they are base-specification rules, not profile rules.
@@ -67,6 +71,22 @@ pub fn validate(resource: &Value) -> Result<(), ApiError> {
     // national rules (a valid codice fiscale) and the code systems the rules read (ICD-9-CM): well-formed FHIR that breaks them is a 422
     let mut issues = crate::italy::check(resource);
     issues.extend(crate::terminology::icd9::check(resource));
+    if rt == "Communication" {
+        for element in ["payload", "reasonReference"] {
+            if resource[element]
+                .as_array()
+                .is_some_and(|a| a.len() > MAX_COMMUNICATION_PARTS)
+            {
+                issues.push(crate::error::Issue::error(
+                    "too-costly",
+                    format!(
+                        "a Communication may carry at most {MAX_COMMUNICATION_PARTS} {element} items"
+                    ),
+                    Some(format!("Communication.{element}")),
+                ));
+            }
+        }
+    }
     if issues.is_empty() {
         Ok(())
     } else {

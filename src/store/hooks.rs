@@ -33,6 +33,8 @@ pub struct Note {
     pub text: String,
 }
 
+/// A hook sees the request's writes only: what hooks write themselves (case notifications) is their
+/// output, never another hook's input, so hooks cannot trigger each other.
 #[async_trait]
 pub trait PreCommit: Send + Sync {
     /// Does a write of this type concern the hook? (The previous version is read only for these.)

@@ -98,6 +98,8 @@ macro_rules! sql_backend {
                 /// The pre-commit hooks and what they are to see.
                 hooks: Option<Hooks>,
                 touched: Vec<Touched>,
+                /// The hooks are running: their own writes are outputs, not inputs to hooks.
+                in_hooks: bool,
             }
 
             impl SqlTx {
@@ -329,6 +331,7 @@ macro_rules! sql_backend {
                         events: Vec::new(),
                         hooks: self.hooks.get().cloned(),
                         touched: Vec::new(),
+                        in_hooks: false,
                     }))
                 }
 
@@ -667,7 +670,8 @@ macro_rules! sql_backend {
                 }
 
                 async fn write(&mut self, v: &NewVersion) -> StoreResult<()> {
-                    let watched = self.hooks.as_ref().is_some_and(|h| h.iter().any(|h| h.watches(&v.resource_type)));
+                    let watched = !self.in_hooks
+                        && self.hooks.as_ref().is_some_and(|h| h.iter().any(|h| h.watches(&v.resource_type)));
                     let previous = if watched && v.version_id > 1 {
                         self.current(&v.resource_type, &v.id)
                             .await?
@@ -704,6 +708,7 @@ macro_rules! sql_backend {
                     {
                         // the request's own writes go out first, so the rules see them in the database
                         self.flush().await?;
+                        self.in_hooks = true;
                         announce = run_before_commit(hooks, &mut *self, &touched, &mut notes).await?;
                     }
                     self.commit_inner().await?;

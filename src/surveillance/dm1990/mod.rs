@@ -37,6 +37,12 @@ pub struct CaseRecord {
     pub first_onset_us: Option<i64>,
     /// Report ids, in the order they joined.
     pub members: Vec<String>,
+    /// Some member stands (the case is notified or recorded, not withdrawn).
+    #[serde(default)]
+    pub active: bool,
+    /// Opened by a relapse (TB): a second report of the same relapse joins it.
+    #[serde(default)]
+    pub relapse: bool,
 }
 
 pub struct Dm1990 {
@@ -97,6 +103,15 @@ impl Dm1990 {
         touched: &[Touched],
         notes: &mut Vec<Note>,
     ) -> StoreResult<bool> {
+        // 0. a segnalazione and the pieces it names may arrive in concurrent requests: both sides
+        // lock every resource that links them, so the later one sees the earlier one committed
+        // (PostgreSQL; SQLite has one writer). First in this rule set's lock order.
+        let refs = ref_locks(touched);
+        if refs.is_empty() {
+            return Ok(false);
+        }
+        tx.lock_all(&refs).await?;
+
         // 1. the segnalazioni this write concerns: written now, or linked to what was written
         let mut ids = BTreeSet::new();
         let mut written_here = BTreeSet::new();
@@ -265,6 +280,9 @@ impl Dm1990 {
         }
         cases.sort_by_key(|(_, c)| c.episode);
         let declared = new.previous_treatment.as_deref().unwrap_or_default();
+        let newest_episode = cases.last().map_or(0, |(_, c)| c.episode);
+        // withdrawn cases are history: they neither hold a report back nor take it in
+        cases.retain(|(_, c)| c.active);
         if let Some(t) = treatment
             && t.not_notified_again.iter().any(|d| d == declared)
             && !cases.is_empty()
@@ -273,20 +291,23 @@ impl Dm1990 {
             return Ok(());
         }
         let relapse = treatment.is_some_and(|t| t.new_episode.iter().any(|d| d == declared));
-        let joins = |c: &CaseRecord| -> bool {
-            if relapse && !c.members.is_empty() {
-                return false;
-            }
+        let within = |c: &CaseRecord| -> bool {
             match (days, c.first_onset_us, new.onset_us) {
                 (None, _, _) => true,
                 (Some(d), Some(first), Some(onset)) => (onset - first).abs() <= d * 86_400_000_000,
                 _ => true,
             }
         };
-        let (key, mut case) = match cases.pop() {
-            Some((key, c)) if joins(&c) => (key, c),
-            newest => {
-                let episode = newest.map_or(1, |(_, c)| c.episode + 1);
+        // the newest standing episode the report falls in (a relapse: the newest relapse episode)
+        let joined = cases
+            .iter()
+            .rev()
+            .find(|(_, c)| if relapse { c.relapse } else { within(c) })
+            .cloned();
+        let (key, mut case) = match joined {
+            Some(found) => found,
+            None => {
+                let episode = newest_episode + 1;
                 let key = format!("case:{group}|{episode}");
                 let case = CaseRecord {
                     case_id: uuid::Uuid::new_v4().to_string(),
@@ -294,6 +315,8 @@ impl Dm1990 {
                     episode,
                     first_onset_us: new.onset_us,
                     members: vec![],
+                    active: true,
+                    relapse,
                 };
                 let value =
                     serde_json::to_value(&case).map_err(|e| StoreError::Rule(e.to_string()))?;
@@ -323,30 +346,72 @@ impl Dm1990 {
     }
 }
 
+/// The link locks of a write: each resource that can join a segnalazione to its pieces (the
+/// Conditions, Observations and Patients written, the Conditions they focus on, and everything a
+/// written segnalazione names). Resources created with fresh ids cannot be named yet: no lock.
+fn ref_locks(touched: &[Touched]) -> Vec<String> {
+    let mut out = BTreeSet::new();
+    for t in touched {
+        match t.resource_type.as_str() {
+            "Communication" => {
+                for body in [&t.body, &t.previous].into_iter().flatten() {
+                    if !is_segnalazione(body) {
+                        continue;
+                    }
+                    out.insert(format!("dm:ref:Communication/{}", t.id));
+                    for l in report::named_links(body) {
+                        out.insert(format!("dm:ref:{l}"));
+                    }
+                }
+            }
+            "Condition" | "Observation" | "Patient" => {
+                if !t.created {
+                    out.insert(format!("dm:ref:{}/{}", t.resource_type, t.id));
+                }
+                for body in [&t.body, &t.previous].into_iter().flatten() {
+                    for c in targets(&body["focus"], "Condition") {
+                        out.insert(format!("dm:ref:Condition/{c}"));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out.into_iter().collect()
+}
+
 /// `case:<identity>|<disease>|<episode>` → `<identity>|<disease>`
 fn group_of_key(key: &str) -> String {
     let k = key.strip_prefix("case:").unwrap_or(key);
     k.rsplit_once('|').map_or(k, |(g, _)| g).to_string()
 }
 
-pub async fn read_case(tx: &mut dyn StoreTx, key: &str) -> StoreResult<Option<CaseRecord>> {
-    Ok(tx
-        .state_get(STATE, key)
-        .await?
-        .and_then(|v| serde_json::from_value(v).ok()))
+/// A rule-state record; one that no longer reads is an error, not an absence (treating it as
+/// absent would open a second case).
+fn parse<T: serde::de::DeserializeOwned>(key: &str, v: Value) -> StoreResult<T> {
+    serde_json::from_value(v)
+        .map_err(|e| StoreError::Rule(format!("rule state {STATE}/{key} does not read: {e}")))
 }
 
-async fn put_case(tx: &mut dyn StoreTx, key: &str, case: &CaseRecord) -> StoreResult<()> {
+pub async fn read_case(tx: &mut dyn StoreTx, key: &str) -> StoreResult<Option<CaseRecord>> {
+    tx.state_get(STATE, key)
+        .await?
+        .map(|v| parse(key, v))
+        .transpose()
+}
+
+pub async fn put_case(tx: &mut dyn StoreTx, key: &str, case: &CaseRecord) -> StoreResult<()> {
     let value = serde_json::to_value(case).map_err(|e| StoreError::Rule(e.to_string()))?;
     tx.state_put(STATE, key, &value, &[format!("group:{}", case.group)])
         .await
 }
 
 pub async fn read_report(tx: &mut dyn StoreTx, id: &str) -> StoreResult<Option<Report>> {
-    Ok(tx
-        .state_get(STATE, &format!("report:{id}"))
+    let key = format!("report:{id}");
+    tx.state_get(STATE, &key)
         .await?
-        .and_then(|v| serde_json::from_value(v).ok()))
+        .map(|v| parse(&key, v))
+        .transpose()
 }
 
 #[async_trait]

@@ -102,6 +102,24 @@ impl Recipients {
                 out.region(g);
             }
         }
+        if out.list.is_empty() {
+            // nobody known to send it to: it goes to the rule set's fallback rather than nowhere
+            for k in &set.unrouted {
+                if let Some(body) = set.recipients.get(k) {
+                    out.push(
+                        body.system.rsplit('/').next().unwrap_or("ente"),
+                        &body.value,
+                        Some(&body.display),
+                    );
+                }
+            }
+            for r in reports {
+                out.warnings.push((
+                    r.id.clone(),
+                    "Né il comune di residenza né l'ASL segnalante permettono di individuare l'ASL competente: la notifica è indirizzata al Ministero della Salute.".into(),
+                ));
+            }
+        }
         for k in kinds {
             if let Some(body) = set.recipients.get(k) {
                 out.push(
@@ -218,7 +236,7 @@ pub async fn refresh_case(
     key: &str,
     now: i64,
 ) -> StoreResult<Vec<(String, String)>> {
-    let Some(case) = read_case(reader.tx, key).await? else {
+    let Some(mut case) = read_case(reader.tx, key).await? else {
         return Ok(vec![]);
     };
     let mut reports = Vec::new();
@@ -228,6 +246,14 @@ pub async fn refresh_case(
         }
     }
     let active: Vec<&Report> = reports.iter().filter(|r| r.counts()).collect();
+    // the episode is timed by the reports that stand now (a correction can move its start)
+    let first_onset = active.iter().filter_map(|r| r.onset_us).min();
+    let standing = !active.is_empty();
+    if case.active != standing || (first_onset.is_some() && case.first_onset_us != first_onset) {
+        case.active = standing;
+        case.first_onset_us = first_onset.or(case.first_onset_us);
+        super::put_case(reader.tx, key, &case).await?;
+    }
     let Some(first) = active.first() else {
         withdraw(engine, reader.tx, &case.case_id).await?;
         return Ok(vec![]);

@@ -141,6 +141,28 @@ pub fn is_segnalazione(c: &Value) -> bool {
     profiled || icd9_code(&c["reasonCode"][0]).is_some()
 }
 
+/// The most resources one segnalazione may name (validation refuses more).
+pub const MAX_NAMED: usize = crate::fhir::resource::MAX_COMMUNICATION_PARTS;
+
+/// `Type/id` of the resources a segnalazione names: its subject, payload and reason references.
+pub fn named_links(c: &Value) -> Vec<String> {
+    let mut out: Vec<String> = c["payload"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| &p["contentReference"])
+        .chain(c["reasonReference"].as_array().into_iter().flatten())
+        .chain(std::iter::once(&c["subject"]))
+        .filter_map(|r| r["reference"].as_str())
+        .filter(|r| r.split('/').count() == 2)
+        .map(String::from)
+        .take(MAX_NAMED + 1)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// The ICD-9-CM code of a CodeableConcept.
 pub fn icd9_code(concept: &Value) -> Option<String> {
     concept["coding"]
@@ -244,7 +266,8 @@ pub async fn read_report(
         r.outcome = outcome::WITHDRAWN.into();
         return Ok(keep_identity(r, previous));
     };
-    if !is_segnalazione(&comm) || comm["status"] == "entered-in-error" {
+    // only a notification the doctor completed counts (a draft, a stopped or an erroneous one not)
+    if !is_segnalazione(&comm) || comm["status"] != "completed" {
         r.outcome = outcome::WITHDRAWN.into();
         return Ok(keep_identity(r, previous));
     }
@@ -291,6 +314,7 @@ pub async fn read_report(
             .flatten()
             .cloned(),
     );
+    named.truncate(MAX_NAMED);
     let mut observations: Vec<String> = Vec::new();
     for n in &named {
         if let Some(reference) = n["reference"].as_str()

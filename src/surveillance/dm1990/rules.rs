@@ -20,6 +20,8 @@ pub struct RuleSet {
     pub classes: Vec<Class>,
     pub outbreak: OutbreakRule,
     pub recipients: BTreeMap<String, Recipient>,
+    /// Who gets a case whose ASL and region are both unknown.
+    pub unrouted: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
