@@ -1018,6 +1018,8 @@ fn seeded(rules: &Rules, clock: &SeedClock, salt: u64, i: u64) -> Seeded {
         episode: 1,
         first_onset_us: Some(onset_us),
         members: vec![id],
+        active: true,
+        relapse: false,
     };
     Seeded {
         report,
