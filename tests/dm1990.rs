@@ -2853,7 +2853,7 @@ on_both_databases_fast! {
                 assert!(r.status.is_success(), "{}", r.text);
             }
             let patient = report.piece_reference(PATIENT);
-            let case = the_case_of(&app, &patient).await;
+            let case = the_case_of(app, &patient).await;
             assert_case(&case, &patient, "classe-2");
         }
     }
