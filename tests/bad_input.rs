@@ -33,6 +33,19 @@ on_both_databases! {
         assert_nothing_stored(&app).await;
     }
 
+    async fn deeply_nested_xml_is_400_not_a_crash(app) {
+        // ~10 KB nested 1,500 levels: fhirbolt's recursive reader used to overflow the stack
+        let body = format!(
+            r#"<Patient xmlns="http://hl7.org/fhir">{}{}</Patient>"#,
+            "<contact>".repeat(1500),
+            "</contact>".repeat(1500)
+        );
+        let r = app.request(Method::POST, "/fhir/Patient", &[("content-type", "application/fhir+xml")], Some(body.into_bytes())).await;
+        assert_outcome(&r, StatusCode::BAD_REQUEST);
+        assert!(r.text.contains("nested deeper"), "{}", r.text);
+        assert_nothing_stored(&app).await;
+    }
+
     async fn deeply_nested_json_is_400(app) {
         let body = format!("{{\"resourceType\":\"Patient\",\"extension\":{}{}}}", "[".repeat(5000), "]".repeat(5000));
         let r = app.request(Method::POST, "/fhir/Patient", &[("content-type", "application/fhir+json")], Some(body.into_bytes())).await;

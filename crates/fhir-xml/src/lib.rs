@@ -4,8 +4,40 @@ use fhirbolt::model::r4::Resource;
 
 /// Convert an R4 XML resource into JSON text.
 pub fn xml_to_json(xml: &[u8]) -> Result<Vec<u8>, String> {
+    check_depth(xml, MAX_DEPTH)?;
     let resource: Resource = fhirbolt::xml::from_slice(xml, None).map_err(|e| e.to_string())?;
     fhirbolt::json::to_vec(&resource, None).map_err(|e| e.to_string())
+}
+
+/// The deepest element nesting accepted, the same as JSON's (serde_json's recursion limit): fhirbolt
+/// recurses once per level, and a deep enough document would overflow a worker thread's stack.
+pub const MAX_DEPTH: usize = 128;
+
+/// Refuse a document nested deeper than `max` elements, by a streaming pass that does not recurse.
+pub fn check_depth(xml: &[u8], max: usize) -> Result<(), String> {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_reader(xml);
+    let mut buf = Vec::new();
+    let mut depth = 0usize;
+    loop {
+        match reader.read_event_into(&mut buf) {
+            Ok(Event::Start(_)) => {
+                depth += 1;
+                if depth > max {
+                    return Err(format!(
+                        "the XML is nested deeper than {max} elements (at byte {})",
+                        reader.buffer_position()
+                    ));
+                }
+            }
+            Ok(Event::End(_)) => depth = depth.saturating_sub(1),
+            Ok(Event::Eof) => return Ok(()),
+            Ok(_) => {}
+            // malformed XML: fhirbolt reports it with its own words
+            Err(_) => return Ok(()),
+        }
+        buf.clear();
+    }
 }
 
 /// Convert R4 JSON text into XML.
@@ -16,6 +48,20 @@ pub fn json_to_xml(json: &[u8]) -> Result<String, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn deep_nesting_is_refused_before_parsing() {
+        let mut xml = String::from(r#"<Patient xmlns="http://hl7.org/fhir">"#);
+        for _ in 0..2000 {
+            xml.push_str("<extension>");
+        }
+        for _ in 0..2000 {
+            xml.push_str("</extension>");
+        }
+        xml.push_str("</Patient>");
+        let err = super::xml_to_json(xml.as_bytes()).unwrap_err();
+        assert!(err.contains("nested deeper"), "{err}");
+    }
+
     #[test]
     fn round_trip_keeps_decimals() {
         let json = br#"{"resourceType":"Observation","status":"final","code":{"text":"x"},"valueQuantity":{"value":6.30}}"#;
