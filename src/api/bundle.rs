@@ -255,6 +255,7 @@ async fn execute(tx: &mut WriteTx, e: &mut Entry) -> ApiResult<Done> {
                     .current(&e.rt, &id)
                     .await?
                     .ok_or_else(|| ApiError::NotFound(id.clone()))?;
+                let stored = interactions::readable(tx, stored);
                 return done(
                     "200 OK",
                     Some(Written {

@@ -7,7 +7,7 @@ use super::write_tx::WriteTx;
 use crate::error::{ApiError, ApiResult, Issue};
 use crate::fhir::datetime::now_micros;
 use crate::fhir::resource::resource_type;
-use crate::store::{NewVersion, StoreError, StoredResource};
+use crate::store::{Condition, Match, NewVersion, StoreError, StoredResource};
 use crate::surveillance::is_case_notification;
 
 /// A version the transaction wrote (or, for a conditional create that matched, found).
@@ -93,6 +93,40 @@ pub async fn create(tx: &mut WriteTx, mut resource: Value, id: &str) -> ApiResul
     })
 }
 
+/// The locks of a conditional search, by what it means rather than how it is written: every exact
+/// value it names, per parameter, without the system (`identifier=sys|v` and `identifier=v` can match
+/// the same resource, so they must queue behind each other), or the type when it names none.
+fn match_locks(rt: &str, conditions: &[Condition]) -> Vec<String> {
+    let mut keys = Vec::new();
+    for c in conditions {
+        match c {
+            Condition::Id(ids) => keys.extend(ids.iter().map(|id| format!("{rt}?_id={id}"))),
+            Condition::Index {
+                param,
+                any_of,
+                negate: false,
+            } => {
+                for m in any_of {
+                    let value = match m {
+                        Match::Exact { value, .. } | Match::AnyTypeId(value) => value,
+                        _ => continue,
+                    };
+                    // a reference may be written Type/id or id
+                    let value = value.rsplit('/').next().unwrap_or(value).to_lowercase();
+                    keys.push(format!("{rt}?{param}={value}"));
+                }
+            }
+            _ => {}
+        }
+    }
+    if keys.is_empty() {
+        keys.push(format!("{rt}?"));
+    }
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
 /// Resolve the search of a conditional interaction: none, exactly one, or a 412 for several.
 /// The lock makes two identical conditional creates run one after the other, on every backend.
 pub async fn conditional_match(
@@ -109,7 +143,9 @@ pub async fn conditional_match(
             "the conditional search '{query}' has no search criteria"
         )));
     }
-    tx.lock(&format!("{rt}?{}", request.canonical())).await?;
+    let keys = match_locks(rt, &parsed.query.conditions);
+    parsed.query.conditions.extend(tx.scope(rt));
+    tx.lock_all(&keys).await?;
     let ids = tx.search_ids(&parsed.query).await?;
     match ids.len() {
         0 => Ok(None),
@@ -118,6 +154,15 @@ pub async fn conditional_match(
             "the conditional search '{rt}?{query}' matches more than one resource"
         ))),
     }
+}
+
+/// A matched resource the caller may not read is answered without its body (the match stands:
+/// nothing is created twice, but nothing is disclosed either).
+pub fn readable(tx: &WriteTx, mut stored: StoredResource) -> StoredResource {
+    if tx.admit_read(&stored).is_err() {
+        stored.body = None;
+    }
+    stored
 }
 
 /// Conditional create: the existing match, or a new resource.
@@ -135,7 +180,7 @@ pub async fn create_if_none_exist(
                 .await?
                 .ok_or_else(|| ApiError::NotFound(existing.clone()))?;
             Ok(Written {
-                stored,
+                stored: readable(tx, stored),
                 created: false,
             })
         }

@@ -5,6 +5,7 @@ pub mod format;
 pub mod history;
 pub mod interactions;
 pub mod metadata;
+pub mod policy;
 pub mod responses;
 pub mod search;
 pub mod subscription_ops;
@@ -85,9 +86,8 @@ impl Caller {
     }
 }
 
-/// Authenticate every request but the CapabilityStatement, then apply the role's coarse rules
-/// (which types it may read or write); finer rules (regions, owners) apply where resources are
-/// read and written.
+/// Authenticate every request but the CapabilityStatement; what the client may do is decided once
+/// the request is routed (`policy::authorize`).
 async fn authenticate(
     axum::extract::State(state): axum::extract::State<AppState>,
     mut req: axum::extract::Request,
@@ -123,34 +123,6 @@ async fn authenticate(
             }
         }
     };
-    let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
-    let read = matches!(
-        *req.method(),
-        axum::http::Method::GET | axum::http::Method::HEAD
-    ) || segments.get(1) == Some(&"_search");
-    let denied = match segments.first() {
-        None => false, // a Bundle: every entry is checked as it runs
-        Some(&"_history") => !crate::fhir::SERVED_TYPES
-            .iter()
-            .all(|t| principal.may_read(t) && principal.scope(t).is_none()),
-        Some(rt) if crate::fhir::is_served(rt) => {
-            if read {
-                !principal.may_read(rt)
-            } else {
-                !principal.may_write(rt)
-            }
-        }
-        Some(_) => false,
-    };
-    if denied {
-        return ApiError::Forbidden(format!(
-            "client '{}' ({:?}) may not {} {rest}",
-            principal.id,
-            principal.role,
-            if read { "read" } else { "write" }
-        ))
-        .into_response();
-    }
     req.extensions_mut().insert(Caller(principal));
     next.run(req).await
 }
@@ -197,6 +169,10 @@ pub fn router(state: AppState) -> Router {
         .route("/Subscription/$status", get(subscription_ops::status_type))
         .route("/Subscription/{id}/$status", get(subscription_ops::status))
         .route("/Subscription/{id}/$events", get(subscription_ops::events))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            policy::authorize,
+        ))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found);
     Router::new()

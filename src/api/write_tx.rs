@@ -81,6 +81,12 @@ impl WriteTx {
         Ok(())
     }
 
+    /// Search conditions that keep the caller's conditional matches within what it may see (its
+    /// region's cases, its own Subscriptions): another client's resource is never "the match".
+    pub fn scope(&self, resource_type: &str) -> Vec<crate::store::Condition> {
+        self.caller.scope(resource_type).unwrap_or_default()
+    }
+
     /// May the caller read this version (a GET inside a Bundle)? `NotFound` when not.
     pub fn admit_read(&self, stored: &StoredResource) -> ApiResult<()> {
         match crate::subscriptions::parse_body(stored.body.as_deref()) {

@@ -1,0 +1,130 @@
+//! Who may do what, decided in one place for every route, from the request as the router decoded
+//! it: the matched route pattern and its path parameters (a type written `Communi%63ation` is
+//! `Communication` here, as the handler will see it). Finer rules — regions, owners — apply where
+//! resources are read and written (`Principal::sees`, `scope`, `WriteTx::admit`), and Bundle entries
+//! are checked one by one as they run.
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, MatchedPath, RawPathParams, Request, State};
+use axum::http::Method;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::{AppState, Caller};
+use crate::auth::Principal;
+use crate::error::ApiError;
+
+/// What a routed request does to which resource type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// The CapabilityStatement, or a Bundle whose entries are decided as they run.
+    Open,
+    Read(String),
+    Write(String),
+    /// System history: every type at once.
+    ReadAll,
+}
+
+/// The action of a routed request: `route` is the matched pattern below `/fhir`, `rt` the decoded
+/// `{type}` parameter if the route has one.
+pub fn action(method: &Method, route: &str, rt: Option<&str>) -> Action {
+    let read = matches!(*method, Method::GET | Method::HEAD) || route.ends_with("/_search");
+    let rt = match rt {
+        Some(t) => t.to_string(),
+        None => match route {
+            "/" | "/metadata" => return Action::Open,
+            "/_history" => return Action::ReadAll,
+            // literal routes name their type (`/Subscription/{id}/$status`)
+            other => other
+                .trim_start_matches('/')
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        },
+    };
+    if read {
+        Action::Read(rt)
+    } else {
+        Action::Write(rt)
+    }
+}
+
+/// May `caller` do this? The coarse rule of its role.
+pub fn allows(caller: &Principal, action: &Action) -> bool {
+    match action {
+        Action::Open => true,
+        // unscoped reads of everything: only a client limited nowhere
+        Action::ReadAll => crate::fhir::SERVED_TYPES
+            .iter()
+            .all(|t| caller.may_read(t) && caller.scope(t).is_none()),
+        // an unknown type is the handler's 404
+        Action::Read(rt) => !crate::fhir::is_served(rt) || caller.may_read(rt),
+        Action::Write(rt) => !crate::fhir::is_served(rt) || caller.may_write(rt),
+    }
+}
+
+/// Middleware on every routed FHIR request (a `route_layer`: it runs once the router has matched
+/// and decoded the path).
+pub async fn authorize(State(_): State<AppState>, req: Request, next: Next) -> Response {
+    let (mut parts, body) = req.into_parts();
+    let route = parts
+        .extensions
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().trim_start_matches("/fhir").to_string())
+        .unwrap_or_default();
+    let rt = match RawPathParams::from_request_parts(&mut parts, &()).await {
+        Ok(params) => params
+            .iter()
+            .find(|(k, _)| *k == "type")
+            .map(|(_, v)| v.to_string()),
+        Err(e) => return e.into_response(),
+    };
+    let action = action(&parts.method, &route, rt.as_deref());
+    if action == Action::Open {
+        return next.run(Request::from_parts(parts, body)).await;
+    }
+    let Some(Caller(caller)) = parts.extensions.get::<Caller>().cloned() else {
+        return ApiError::Unauthorized("authentication required".into()).into_response();
+    };
+    if !allows(&caller, &action) {
+        return refuse(&caller, &action).into_response();
+    }
+    next.run(Request::from_parts(parts, body)).await
+}
+
+fn refuse(caller: &Arc<Principal>, action: &Action) -> ApiError {
+    let what = match action {
+        Action::Read(rt) => format!("read {rt}"),
+        Action::Write(rt) => format!("write {rt}"),
+        Action::ReadAll => "read the history of every type".to_string(),
+        Action::Open => String::new(),
+    };
+    ApiError::Forbidden(format!(
+        "client '{}' ({:?}) may not {what}",
+        caller.id, caller.role
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_action_comes_from_the_route_not_the_raw_path() {
+        assert_eq!(
+            action(&Method::GET, "/{type}/{id}", Some("Communication")),
+            Action::Read("Communication".into())
+        );
+        assert_eq!(
+            action(&Method::POST, "/{type}/_search", Some("Patient")),
+            Action::Read("Patient".into())
+        );
+        assert_eq!(
+            action(&Method::GET, "/Subscription/{id}/$status", None),
+            Action::Read("Subscription".into())
+        );
+        assert_eq!(action(&Method::POST, "/", None), Action::Open);
+        assert_eq!(action(&Method::GET, "/_history", None), Action::ReadAll);
+    }
+}
