@@ -52,6 +52,16 @@ pub struct Config {
     /// answered 503 with Retry-After.
     #[arg(long, env = "SENTINELLA_MAX_WRITES_IN_FLIGHT", default_value_t = 512)]
     pub max_writes_in_flight: usize,
+    /// Open client connections at once; beyond it new connections wait to be accepted.
+    #[arg(long, env = "SENTINELLA_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Seconds a connection may take to send a request's headers, and may stay idle between
+    /// requests; then it is closed.
+    #[arg(long, env = "SENTINELLA_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_timeout_secs: u64,
+    /// Seconds a request body may go without sending data; then the request fails (408).
+    #[arg(long, env = "SENTINELLA_BODY_TIMEOUT_SECS", default_value_t = 30)]
+    pub body_timeout_secs: u64,
     /// Public base URL of the FHIR endpoint (default: http://<Host header>/fhir).
     #[arg(long, env = "SENTINELLA_BASE_URL")]
     pub base_url: Option<String>,
@@ -100,6 +110,9 @@ impl Config {
             log_format: LogFormat::Text,
             max_body_bytes: 10 * 1024 * 1024,
             max_writes_in_flight: 512,
+            max_connections: 1024,
+            header_timeout_secs: 10,
+            body_timeout_secs: 30,
             base_url: None,
             eucast_version: None,
             access_file: None,

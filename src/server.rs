@@ -1,5 +1,6 @@
 //! Starting and stopping the server: database, warm-up, listener, graceful shutdown.
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use tokio::net::TcpListener;
@@ -99,13 +100,89 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
     // the real port (when 0 was asked) names this server in notifications
     config.listen = listener.local_addr()?;
     let database = redact(&config.database);
+    let limits = ConnectionLimits {
+        max_connections: config.max_connections.max(1),
+        header_timeout: Duration::from_secs(config.header_timeout_secs.max(1)),
+    };
     let app = build_app(config).await?;
     tracing::info!(address = %listener.local_addr()?, %database, "Sentinella FHIR server listening on /fhir");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    accept_loop(listener, app, limits).await;
     tracing::info!("shut down cleanly");
     Ok(())
+}
+
+struct ConnectionLimits {
+    max_connections: usize,
+    header_timeout: Duration,
+}
+
+/// Accept connections until shutdown, at most `max_connections` open at once (a client cannot run
+/// the process out of file descriptors), each closed when its headers (or, between requests, the
+/// next request's) take longer than `header_timeout`. Hand-written around hyper-util because
+/// `axum::serve` sets neither; in-flight requests finish before it returns.
+async fn accept_loop(listener: TcpListener, app: axum::Router, limits: ConnectionLimits) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(limits.header_timeout))
+        .keep_alive_timeout(limits.header_timeout);
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // out of descriptors or a reset handshake: wait a moment, keep serving
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let first_byte = limits.header_timeout;
+        tokio::spawn(async move {
+            // the protocol is detected from the first bytes, before hyper's header timer runs: a
+            // connection that sends nothing at all is closed here
+            let mut probe = [0u8; 1];
+            match tokio::time::timeout(first_byte, stream.peek(&mut probe)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 fn redact(url: &str) -> String {

@@ -196,7 +196,7 @@ impl FromRequest<AppState> for FhirBody {
         }
         let bytes = axum::body::to_bytes(req.into_body(), limit)
             .await
-            .map_err(|_| ApiError::PayloadTooLarge(limit))?;
+            .map_err(|e| body_error(&e, limit))?;
         if xml {
             let json = super::xml::xml_to_json(&bytes).map_err(|e| {
                 ApiError::invalid(vec![crate::error::Issue::error(
@@ -209,4 +209,17 @@ impl FromRequest<AppState> for FhirBody {
         }
         Ok(FhirBody(bytes))
     }
+}
+
+/// Why a body could not be read: over the size limit (413), or it stopped arriving — the client
+/// went away or sent too slowly (408), which is not the client's size problem.
+fn body_error(e: &axum::Error, limit: usize) -> ApiError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return ApiError::PayloadTooLarge(limit);
+        }
+        source = s.source();
+    }
+    ApiError::ClientGone
 }

@@ -183,6 +183,10 @@ pub fn router(state: AppState) -> Router {
             authenticate,
         ))
         .layer(axum::middleware::from_fn(xml::respond_in_xml_when_asked))
+        // a body that stops arriving fails its request instead of holding it (and its slot) open
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            std::time::Duration::from_secs(state.config.body_timeout_secs.max(1)),
+        ))
         .layer(CatchPanicLayer::new())
         .layer(TraceLayer::new_for_http())
         .with_state(state)
