@@ -33,6 +33,25 @@ on_both_databases! {
         assert_nothing_stored(&app).await;
     }
 
+    async fn a_string_with_nul_is_400_naming_the_element_on_both_stores(app) {
+        let body = br#"{"resourceType":"Patient","name":[{"family":"Ros\u0000si"}]}"#.to_vec();
+        let r = app.request(Method::POST, "/fhir/Patient", &[("content-type", "application/fhir+json")], Some(body)).await;
+        assert_outcome(&r, StatusCode::BAD_REQUEST);
+        assert_eq!(r.body["issue"][0]["expression"][0], "Patient.name[0].family", "{}", r.text);
+        assert_nothing_stored(&app).await;
+    }
+
+    async fn a_long_indexed_string_is_stored_and_found_on_both_stores(app) {
+        // ~3 KB in an indexed element: PostgreSQL's B-tree refused it with a 500
+        let family = format!("Lungo{}", "abcdefghij".repeat(300));
+        let r = app.post("/fhir/Patient", &json!({"resourceType": "Patient", "name": [{"family": family}]})).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        let found = app.get("/fhir/Patient?family=Lungoabcdefghij").await;
+        assert_eq!(found.body["total"], 1, "{}", found.text);
+        let read = app.get(&format!("/fhir/Patient/{}", r.body["id"].as_str().unwrap())).await;
+        assert_eq!(read.body["name"][0]["family"].as_str().unwrap().len(), family.len());
+    }
+
     async fn deeply_nested_xml_is_400_not_a_crash(app) {
         // ~10 KB nested 1,500 levels: fhirbolt's recursive reader used to overflow the stack
         let body = format!(

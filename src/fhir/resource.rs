@@ -60,6 +60,13 @@ pub fn validate(resource: &Value) -> Result<(), ApiError> {
             "resource type {rt} is not supported by this server"
         )));
     }
+    // control characters (NUL above all) are not FHIR string content, and PostgreSQL cannot store
+    // NUL: refused here, the same on both stores
+    let mut issues = Vec::new();
+    control_characters(resource, rt, &mut issues);
+    if !issues.is_empty() {
+        return Err(ApiError::invalid(issues));
+    }
     let mut issues = SchemaValidators::get().validate(resource);
     if issues.is_empty() {
         let defs = Definitions::get();
@@ -91,6 +98,44 @@ pub fn validate(resource: &Value) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::unprocessable(issues))
+    }
+}
+
+/// Strings holding a C0 control character other than tab, CR and LF (FHIR: strings "SHOULD not
+/// contain Unicode character points below 32, except for u0009, u000D and u000A"), with the
+/// FHIRPath of each. The walk is bounded by the parser's nesting limit.
+fn control_characters(v: &Value, path: &str, issues: &mut Vec<Issue>) {
+    match v {
+        Value::String(s) => {
+            if s.chars()
+                .any(|c| (c as u32) < 32 && !matches!(c, '\t' | '\r' | '\n'))
+            {
+                issues.push(Issue::error(
+                    "invalid",
+                    "the string holds a control character (such as NUL), which FHIR strings may not contain",
+                    Some(path.to_string()),
+                ));
+            }
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                control_characters(item, &format!("{path}[{i}]"), issues);
+            }
+        }
+        Value::Object(map) => {
+            for (k, item) in map {
+                if k.chars().any(|c| (c as u32) < 32) {
+                    issues.push(Issue::error(
+                        "invalid",
+                        "a property name holds a control character",
+                        Some(path.to_string()),
+                    ));
+                    continue;
+                }
+                control_characters(item, &format!("{path}.{k}"), issues);
+            }
+        }
+        _ => {}
     }
 }
 

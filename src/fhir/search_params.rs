@@ -67,6 +67,30 @@ pub struct IndexEntry {
     pub value: IndexValue,
 }
 
+/// The longest indexed text kept, in bytes: PostgreSQL refuses a B-tree row over ~2.7 KB, so both
+/// stores keep the first 1,000 bytes of a longer value (prefix searches on them still work; the
+/// resource itself is stored whole).
+pub const MAX_INDEXED_BYTES: usize = 1000;
+
+fn truncate_utf8(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+}
+
+fn bound_for_storage(value: &mut IndexValue) {
+    if let IndexValue::Text { system, value } = value {
+        truncate_utf8(value, MAX_INDEXED_BYTES);
+        if let Some(s) = system {
+            truncate_utf8(s, MAX_INDEXED_BYTES);
+        }
+    }
+}
+
 pub struct SearchParamRegistry {
     /// resource type → code → parameter (BTreeMap: CapabilityStatement lists them in a stable order)
     by_type: HashMap<String, BTreeMap<String, SearchParam>>,
@@ -294,7 +318,10 @@ impl SearchParamRegistry {
                     continue; // stored under the base parameter
                 }
                 for node in path.evaluate(resource, &self.type_suffixes) {
-                    for value in index_values(param.kind, node) {
+                    for mut value in index_values(param.kind, node) {
+                        if share {
+                            bound_for_storage(&mut value);
+                        }
                         let entry = IndexEntry {
                             param: param.code.clone(),
                             value,
