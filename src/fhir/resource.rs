@@ -106,16 +106,15 @@ pub fn validate(resource: &Value) -> Result<(), ApiError> {
 /// FHIRPath of each. The walk is bounded by the parser's nesting limit.
 fn control_characters(v: &Value, path: &str, issues: &mut Vec<Issue>) {
     match v {
-        Value::String(s) => {
+        Value::String(s)
             if s.chars()
-                .any(|c| (c as u32) < 32 && !matches!(c, '\t' | '\r' | '\n'))
-            {
-                issues.push(Issue::error(
-                    "invalid",
-                    "the string holds a control character (such as NUL), which FHIR strings may not contain",
-                    Some(path.to_string()),
-                ));
-            }
+                .any(|c| (c as u32) < 32 && !matches!(c, '\t' | '\r' | '\n')) =>
+        {
+            issues.push(Issue::error(
+                "invalid",
+                "the string holds a control character (such as NUL), which FHIR strings may not contain",
+                Some(path.to_string()),
+            ));
         }
         Value::Array(items) => {
             for (i, item) in items.iter().enumerate() {
