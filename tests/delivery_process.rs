@@ -142,7 +142,8 @@ async fn killed_between_commit_and_delivery(db: String) {
     assert!(hook.of_type("event-notification").await.is_empty());
     hook.fail(false);
     let restarted = start(&db).await;
-    let ev = hook.wait_for("event-notification", 1, 20).await;
+    // the killed process's lease must lapse first: a generous deadline on a loaded machine
+    let ev = hook.wait_for("event-notification", 1, 60).await;
     assert_eq!(events_of(&ev[0])[0].0, 1);
     assert_eq!(status_of(&restarted.base, &id).await, "active");
 }

@@ -34,6 +34,21 @@ fn id_from(entry: &Value) -> String {
 }
 
 on_both_databases! {
+    async fn a_reference_to_another_server_is_not_the_local_resource(app) {
+        let local = app.post("/fhir/Patient", &json!({"resourceType": "Patient", "name": [{"family": "Locale"}]})).await;
+        let id = local.body["id"].as_str().unwrap().to_string();
+        let foreign = format!("http://elsewhere.example/fhir/Patient/{id}");
+        let obs = json!({"resourceType": "Observation", "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "600-7"}]},
+            "subject": {"reference": foreign}});
+        let r = app.post("/fhir/Observation", &obs).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        let by_local = app.get(&format!("/fhir/Observation?subject=Patient/{id}")).await;
+        assert_eq!(by_local.body["total"], 0, "{}", by_local.text);
+        let by_url = app.get(&format!("/fhir/Observation?subject={foreign}")).await;
+        assert_eq!(by_url.body["total"], 1, "{}", by_url.text);
+    }
+
     async fn token_reference_date_and_string_parameters(app) {
         let tx = load_antibiogram(&app).await;
         let patient = id_from(&tx["entry"][0]);

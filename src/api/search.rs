@@ -349,6 +349,10 @@ fn reference_match(
     match modifier {
         None => Ok(match split_reference(v) {
             Some((t, id)) => exact(t, id),
+            None if v.contains("://") => Match::Exact {
+                value: v.to_string(),
+                system: SystemMatch::Any,
+            },
             None if targets.len() == 1 => exact(&targets[0], v),
             None => Match::AnyTypeId(v.to_string()),
         }),

@@ -206,12 +206,18 @@ pub fn reference_type(reference: &Value) -> Option<String> {
         return Some(t.to_string());
     }
     let r = reference.get("reference")?.as_str()?;
-    split_reference(r).map(|(t, _)| t.to_string())
+    let path = r.split_once("://").map_or(r, |(_, rest)| rest);
+    split_reference(path).map(|(t, _)| t.to_string())
 }
 
 /// `(type, id)` of a literal reference, relative or absolute, ignoring `/_history/n`.
 pub fn split_reference(r: &str) -> Option<(&str, &str)> {
     if r.starts_with('#') || r.starts_with("urn:") {
+        return None;
+    }
+    // a reference to another server is not one of ours: `http://elsewhere/fhir/Patient/123` is
+    // not the local Patient/123 (indexed as the URL itself, never followed)
+    if r.contains("://") {
         return None;
     }
     let r = match r.find("/_history/") {

@@ -406,12 +406,15 @@ fn text(system: Option<&str>, value: &str) -> IndexValue {
 fn index_values(kind: ParamType, node: &Value) -> Vec<IndexValue> {
     match kind {
         ParamType::Token => token_values(node),
-        ParamType::Reference => node
-            .get("reference")
-            .and_then(Value::as_str)
-            .and_then(fhirpath::split_reference)
-            .map(|(t, id)| vec![text(None, &format!("{t}/{id}"))])
-            .unwrap_or_default(),
+        ParamType::Reference => match node.get("reference").and_then(Value::as_str) {
+            Some(r) => match fhirpath::split_reference(r) {
+                Some((t, id)) => vec![text(None, &format!("{t}/{id}"))],
+                // another server's resource: found only by its full URL
+                None if r.contains("://") => vec![text(None, r)],
+                None => vec![],
+            },
+            None => vec![],
+        },
         ParamType::Date => datetime::value_range(node)
             .map(IndexValue::Date)
             .into_iter()
