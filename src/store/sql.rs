@@ -968,9 +968,11 @@ macro_rules! sql_backend {
 
                 async fn state_tagged(&mut self, rule_set: &str, tag: &str) -> StoreResult<Vec<(String, serde_json::Value)>> {
                     self.flush().await?;
+                    // ordered by the tag index's own column: SQLite (no statistics) then starts from
+                    // the tag, not from every record of the rule set
                     let rows = sqlx::query(
                         "SELECT s.key, s.value FROM rule_state_tags t JOIN rule_state s ON s.rule_set = t.rule_set AND s.key = t.key \
-                         WHERE t.rule_set = $1 AND t.tag = $2 ORDER BY s.key",
+                         WHERE t.rule_set = $1 AND t.tag = $2 ORDER BY t.key",
                     )
                     .bind(rule_set)
                     .bind(tag)
