@@ -1649,7 +1649,7 @@ impl PgDatabase {
 }
 
 /// The query `state_tagged` runs (src/store/sql.rs).
-const TAGGED_SQL: &str = "SELECT s.key, s.value FROM rule_state_tags t JOIN rule_state s ON s.rule_set = t.rule_set AND s.key = t.key WHERE t.rule_set = $1 AND t.tag = $2 ORDER BY s.key";
+const TAGGED_SQL: &str = "SELECT s.key, s.value FROM rule_state_tags t JOIN rule_state s ON s.rule_set = t.rule_set AND s.key = t.key WHERE t.rule_set = $1 AND t.tag = $2 ORDER BY t.key";
 
 enum Inspect {
     Sqlite(sqlx::SqliteConnection),
