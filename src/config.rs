@@ -65,6 +65,11 @@ pub struct Config {
     /// Public base URL of the FHIR endpoint (default: http://<Host header>/fhir).
     #[arg(long, env = "SENTINELLA_BASE_URL")]
     pub base_url: Option<String>,
+    /// Secret (at least 32 characters) the server signs its access tokens with (`POST
+    /// /auth/token`, HS256). Without it a random secret is drawn when the process starts: tokens
+    /// then do not survive a restart and are not accepted by another server process.
+    #[arg(long, env = "SENTINELLA_TOKEN_SECRET", hide_env_values = true)]
+    pub token_secret: Option<TokenSecret>,
     /// EUCAST clinical breakpoint table used to interpret an MIC or zone sent without S/I/R
     /// (a version in terminology/eucast-breakpoints.json; default: the newest).
     #[arg(long, env = "SENTINELLA_EUCAST_VERSION")]
@@ -96,6 +101,13 @@ pub struct Config {
     /// Days a delivered event stays available to $events before it is pruned.
     #[arg(long, env = "SENTINELLA_EVENT_RETENTION_DAYS", default_value_t = 30)]
     pub event_retention_days: u64,
+    /// Requests per second each authenticated client may send (bursts of twice that); beyond it
+    /// 429 with Retry-After. 0: no limit. Development mode is never limited.
+    #[arg(long, env = "SENTINELLA_RATE_LIMIT_PER_SECOND", default_value_t = 500)]
+    pub rate_limit_per_second: u32,
+    /// Days an AuditEvent is kept before it is removed (0: kept for ever).
+    #[arg(long, env = "SENTINELLA_AUDIT_RETENTION_DAYS", default_value_t = 365)]
+    pub audit_retention_days: u64,
     /// How long to wait for an endpoint, unless the subscription sets backport-timeout (ms).
     #[arg(long, env = "SENTINELLA_DELIVERY_TIMEOUT_MS", default_value_t = 10_000)]
     pub delivery_timeout_ms: u64,
@@ -114,6 +126,7 @@ impl Config {
             header_timeout_secs: 10,
             body_timeout_secs: 30,
             base_url: None,
+            token_secret: None,
             eucast_version: None,
             access_file: None,
             nats_url: None,
@@ -123,6 +136,9 @@ impl Config {
             delivery_poll_ms: 500,
             delivery_timeout_ms: 10_000,
             event_retention_days: 30,
+            audit_retention_days: 365,
+            // embedded (tests, benchmarks): drivers that send as fast as they can
+            rate_limit_per_second: 0,
         }
     }
 
@@ -136,5 +152,38 @@ impl Config {
             timeout: Duration::from_millis(self.delivery_timeout_ms),
             retention: Duration::from_secs(self.event_retention_days.saturating_mul(24 * 3600)),
         }
+    }
+
+    /// How long audit events are kept (`None`: for ever).
+    pub fn audit_retention(&self) -> Option<std::time::Duration> {
+        (self.audit_retention_days > 0).then(|| {
+            std::time::Duration::from_secs(self.audit_retention_days.saturating_mul(24 * 3600))
+        })
+    }
+}
+
+/// The access-token signing secret; never printed (`Debug` shows `***`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenSecret(String);
+
+impl TokenSecret {
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl std::fmt::Debug for TokenSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenSecret(***)")
+    }
+}
+
+impl std::str::FromStr for TokenSecret {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.chars().count() < 32 {
+            return Err("the token secret must be at least 32 characters long".into());
+        }
+        Ok(TokenSecret(s.to_string()))
     }
 }

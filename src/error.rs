@@ -192,7 +192,14 @@ impl ApiError {
         }
     }
 
+    /// The OperationOutcome a client gets. An internal error's detail (a database's message, a
+    /// file path) goes to the log only; the client gets a reference to find it there.
     pub fn outcome(&self) -> Value {
+        if self.status() == StatusCode::INTERNAL_SERVER_ERROR {
+            let reference = correlation_id();
+            tracing::error!(error = %self, %reference, "request failed");
+            return internal_outcome(&reference);
+        }
         operation_outcome(&self.issues())
     }
 }
@@ -219,12 +226,13 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let challenge = matches!(self, ApiError::Unauthorized(_));
         let retry = status == StatusCode::SERVICE_UNAVAILABLE;
-        if status.is_server_error() {
-            tracing::error!(error = %self, "request failed");
-        } else {
+        if status.is_client_error() {
             tracing::info!(status = status.as_u16(), error = %self, "request rejected");
+        } else if status != StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::warn!(status = status.as_u16(), error = %self, "request not served");
         }
-        let mut response = crate::api::format::fhir_json(status, &self.outcome()).into_response();
+        let outcome = self.outcome();
+        let mut response = crate::api::format::fhir_json(status, &outcome).into_response();
         if challenge {
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,
@@ -242,3 +250,39 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// A fresh reference that ties a client's 500 to the log line with its detail.
+pub fn correlation_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// What a client is told of an internal error: that it happened, and the reference to quote.
+pub fn internal_outcome(reference: &str) -> Value {
+    operation_outcome(&[Issue::error(
+        "exception",
+        format!("internal error; the server's log has the detail under reference {reference}"),
+        None,
+    )])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_internal_error_reaches_the_client_as_a_reference_only() {
+        let err = ApiError::Storage(crate::store::StoreError::GroupCommit(
+            "disk I/O error at /var/lib/sentinella/sentinella.db-wal".into(),
+        ));
+        assert_eq!(err.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let text = err.outcome().to_string();
+        assert!(!text.contains("/var/lib"), "{text}");
+        assert!(!text.contains("disk I/O"), "{text}");
+        assert!(text.contains("reference"), "{text}");
+        // two failures, two references
+        assert_ne!(err.outcome(), err.outcome());
+        // a client error keeps its precise message
+        let bad = ApiError::BadRequest("_count 'x' is not a number".into());
+        assert!(bad.outcome().to_string().contains("_count 'x'"));
+    }
+}

@@ -3,8 +3,10 @@
 //! The modules read as the pipeline: `api` (HTTP) → `fhir` (parsing, validation, search extraction)
 //! → `store` (versioned storage on SQLite or PostgreSQL) → `surveillance` (the case definitions,
 //! applied inside each write transaction) with `terminology` (the code lists they read) →
-//! `subscriptions` (outbox events and their delivery). `auth` says who may do what.
+//! `subscriptions` (outbox events and their delivery). `auth` says who may do what; `audit` records
+//! who read or wrote which case data.
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod error;

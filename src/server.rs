@@ -57,13 +57,17 @@ pub async fn build_app(config: Config) -> anyhow::Result<Router> {
         .base_url
         .clone()
         .unwrap_or_else(|| format!("http://{}/fhir", config.listen));
-    let worker = Arc::new(Worker::new(
-        store::connect_for_delivery(&config.database, &store).await?,
-        Channels::new(config.nats_url.clone()),
-        config.delivery(),
-        base.trim_end_matches('/').to_string(),
-        dispatcher.waker(),
-    ));
+    let audit = crate::audit::AuditLog::start(store.clone(), config.audit_retention());
+    let worker = Arc::new(
+        Worker::new(
+            store::connect_for_delivery(&config.database, &store).await?,
+            Channels::new(config.nats_url.clone()),
+            config.delivery(),
+            base.trim_end_matches('/').to_string(),
+            dispatcher.waker(),
+        )
+        .audited(audit.clone()),
+    );
     tracing::info!(topics, "subscription topics loaded");
     tokio::spawn(worker.run());
     tracing::info!(
@@ -85,12 +89,15 @@ pub async fn build_app(config: Config) -> anyhow::Result<Router> {
     .await
     .expect("warm-up does not panic");
     let config_writes = config.max_writes_in_flight;
+    let config_rate = config.rate_limit_per_second;
     Ok(router(AppState {
         store,
         config: Arc::new(config),
         engine,
         access,
         writes: crate::api::write_task::WriteSlots::new(config_writes),
+        audit,
+        rate_limits: crate::api::rate_limit::RateLimits::new(config_rate),
     }))
 }
 

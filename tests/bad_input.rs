@@ -171,3 +171,61 @@ async fn body_over_the_limit_is_413_sqlite() {
 async fn body_over_the_limit_is_413_postgres() {
     oversized(TestApp::postgres_with(|c| c.max_body_bytes = 2048).await).await;
 }
+
+// Issue "Security and hardening", item 8: each of these was accepted (or overflowed) before.
+on_both_databases! {
+    async fn a_repeated_json_key_is_400_naming_it(app) {
+        let body = br#"{"resourceType":"Patient","gender":"male","resourceType":"Observation","status":"final","code":{"text":"x"}}"#.to_vec();
+        let r = app.request(Method::POST, "/fhir/Patient", &[("content-type", "application/fhir+json")], Some(body)).await;
+        assert_outcome(&r, StatusCode::BAD_REQUEST);
+        assert_eq!(r.body["issue"][0]["expression"][0], "resourceType", "{}", r.text);
+        let body = br#"{"resourceType":"Patient","name":[{"family":"Rossi","family":"Bianchi"}]}"#.to_vec();
+        let r = app.request(Method::POST, "/fhir/Patient", &[("content-type", "application/fhir+json")], Some(body)).await;
+        assert_outcome(&r, StatusCode::BAD_REQUEST);
+        assert_eq!(r.body["issue"][0]["expression"][0], "Patient.name[0].family", "{}", r.text);
+        assert_nothing_stored(&app).await;
+    }
+
+    async fn a_number_beyond_r4_ranges_is_400(app) {
+        // a decimal too large for any number (stored, then unserialisable to XML, before)
+        let body = br#"{"resourceType":"Observation","status":"final","code":{"text":"x"},"valueQuantity":{"value":1e999999}}"#.to_vec();
+        let r = app.request(Method::POST, "/fhir/Observation", &[("content-type", "application/fhir+json")], Some(body)).await;
+        assert_outcome(&r, StatusCode::BAD_REQUEST);
+        assert_eq!(r.body["issue"][0]["expression"][0], "Observation.valueQuantity.value", "{}", r.text);
+        // an integer beyond 32 bits
+        let body = br#"{"resourceType":"Observation","status":"final","code":{"text":"x"},"valueInteger":4294967296}"#.to_vec();
+        let r = app.request(Method::POST, "/fhir/Observation", &[("content-type", "application/fhir+json")], Some(body)).await;
+        assert_outcome(&r, StatusCode::BAD_REQUEST);
+        assert_nothing_stored(&app).await;
+        // the largest 32-bit integer and a long exact decimal are fine
+        let ok = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "valueInteger": 2147483647});
+        assert_eq!(app.post("/fhir/Observation", &ok).await.status, StatusCode::CREATED);
+    }
+
+    async fn a_date_that_is_not_in_the_calendar_is_400(app) {
+        for (field, value) in [("birthDate", "2024-02-30"), ("birthDate", "2023-02-29"), ("deceasedDateTime", "2024-04-31T10:00:00Z")] {
+            let r = app.post("/fhir/Patient", &json!({"resourceType": "Patient", field: value})).await;
+            assert_outcome(&r, StatusCode::BAD_REQUEST);
+            assert_eq!(r.body["issue"][0]["expression"][0], format!("Patient.{field}"), "{}", r.text);
+        }
+        assert_nothing_stored(&app).await;
+        // a leap day, and a leap second, are real
+        let r = app.post("/fhir/Patient", &json!({"resourceType": "Patient", "birthDate": "2024-02-29", "deceasedDateTime": "2016-12-31T23:59:60Z"})).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        let found = app.get("/fhir/Patient?birthdate=2024-02-29").await;
+        assert_eq!(found.body["total"], 1, "{}", found.text);
+    }
+
+    async fn an_offset_near_the_largest_integer_is_400_not_an_overflow(app) {
+        app.post("/fhir/Patient", &json!({"resourceType": "Patient", "gender": "female"})).await;
+        for uri in ["/fhir/Patient?_offset=9223372036854775800", "/fhir/Patient/_history?_offset=9223372036854775800", "/fhir/_history?_offset=9223372036854775807&_count=1000"] {
+            let r = app.get(uri).await;
+            assert_outcome(&r, StatusCode::BAD_REQUEST);
+            assert!(r.text.contains("_offset"), "{}", r.text);
+        }
+        // the deepest allowed page answers, with no next link past the end
+        let r = app.get("/fhir/Patient?_offset=1000000&_count=1000").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert!(!r.text.contains("\"next\""), "{}", r.text);
+    }
+}

@@ -366,7 +366,48 @@ macro_rules! on_both_with_access {
     };
 }
 
+/// Item 8: a deleted Subscription's id could be re-created by another client, which then read the
+/// previous owner's history (its endpoint and header secret in the old versions).
+async fn a_deleted_subscriptions_id_stays_its_owners(app: TestApp) {
+    let mut mine = subscription(
+        "segreto-lombardia",
+        "https://sorveglianza.regione.lombardia.it/hook",
+    );
+    mine["id"] = json!("sub-lombardia");
+    let uri = "/fhir/Subscription/sub-lombardia";
+    let r = call(&app, Method::PUT, uri, "lombardia-token", Some(&mine)).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let r = call(&app, Method::DELETE, uri, "lombardia-token", None).await;
+    assert!(r.status.is_success(), "{}", r.text);
+    let mut theirs = subscription(
+        "segreto-piemonte",
+        "https://sorveglianza.regione.piemonte.it/hook",
+    );
+    theirs["id"] = json!("sub-lombardia");
+    let r = call(&app, Method::PUT, uri, "piemonte-token", Some(&theirs)).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text);
+    // the same inside a transaction
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "Subscription/sub-lombardia", "resource": theirs,
+         "request": {"method": "PUT", "url": "Subscription/sub-lombardia"}}]});
+    let r = call(&app, Method::POST, "/fhir", "piemonte-token", Some(&bundle)).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text);
+    let h = call(
+        &app,
+        Method::GET,
+        &format!("{uri}/_history"),
+        "piemonte-token",
+        None,
+    )
+    .await;
+    assert!(!h.text.contains("segreto-lombardia"), "{}", h.text);
+    // its owner may bring it back
+    let r = call(&app, Method::PUT, uri, "lombardia-token", Some(&mine)).await;
+    assert!(r.status.is_success(), "{}", r.text);
+}
+
 on_both_with_access!(
+    a_deleted_subscriptions_id_stays_its_owners,
     route_matrix_encoded_types_decide_like_plain_ones,
     percent_encoded_type_does_not_open_case_notifications_to_a_laboratory,
     conditional_create_never_returns_another_clients_subscription,

@@ -12,7 +12,7 @@ import json, os, shutil, sys
 
 RESOURCES = ["Patient", "Practitioner", "PractitionerRole", "Organization", "Location", "Encounter",
              "Specimen", "Observation", "DiagnosticReport", "Condition", "Communication", "Provenance",
-             "MeasureReport", "Subscription", "Bundle", "OperationOutcome", "Parameters"]
+             "MeasureReport", "Subscription", "AuditEvent", "Bundle", "OperationOutcome", "Parameters"]
 SEARCH_TYPES = {"token", "reference", "date", "string", "uri"}
 
 med, asym, out = sys.argv[1], sys.argv[2], sys.argv[3]

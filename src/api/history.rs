@@ -28,7 +28,10 @@ fn parse_params(query: Option<&str>) -> ApiResult<(i64, i64, Option<i64>)> {
                 offset = v
                     .parse::<i64>()
                     .map_err(|_| bad(format!("_offset '{v}' is not a number")))?
-                    .max(0)
+                    .max(0);
+                if offset > super::search::MAX_OFFSET {
+                    return Err(bad(super::search::too_deep(offset)));
+                }
             }
             "_since" => {
                 since = Some(
@@ -57,6 +60,8 @@ async fn history(
 ) -> ApiResult<Response> {
     let (count, offset, since) = parse_params(query)?;
     let q = HistoryQuery {
+        // the whole system's history is of the data, not of who looked at it
+        except_type: rt.is_none().then(|| crate::auth::AUDIT_TYPE.to_string()),
         resource_type: rt.clone(),
         id: id.clone(),
         since,

@@ -201,6 +201,7 @@ pub async fn update(
     if rt == "Communication" {
         refuse_stored_case_notification(current.as_ref())?;
     }
+    tx.admit_revival(&rt, id, current.as_ref()).await?;
     tx.admit(&rt, Some(&mut resource), current.as_ref())?;
     if let Some(expected) = if_match {
         match &current {

@@ -35,11 +35,14 @@ pub fn capability_statement(base: &str, development: bool) -> Value {
                     }
                 }
             }
-            let interactions: Vec<Value> =
-                ["read", "vread", "update", "delete", "history-instance", "history-type", "create", "search-type"]
-                    .iter()
-                    .map(|c| json!({"code": c}))
-                    .collect();
+            // the audit trail is written by the server only (policy: 405 for any write)
+            let audit = *rt == crate::auth::AUDIT_TYPE;
+            let codes: &[&str] = if audit {
+                &["read", "vread", "history-instance", "history-type", "search-type"]
+            } else {
+                &["read", "vread", "update", "delete", "history-instance", "history-type", "create", "search-type"]
+            };
+            let interactions: Vec<Value> = codes.iter().map(|c| json!({"code": c})).collect();
             // our profiles of this type (profiles/): notifica-caso is what the rules emit and are
             // checked against; the lab-input profiles document what the rules read
             let mut supported: Vec<&str> = crate::fhir::profile::profiles()
@@ -54,10 +57,10 @@ pub fn capability_statement(base: &str, development: bool) -> Value {
                 "interaction": interactions,
                 "versioning": "versioned-update",
                 "readHistory": true,
-                "updateCreate": true,
-                "conditionalCreate": true,
-                "conditionalUpdate": true,
-                "conditionalDelete": "single",
+                "updateCreate": !audit,
+                "conditionalCreate": !audit,
+                "conditionalUpdate": !audit,
+                "conditionalDelete": if audit { "not-supported" } else { "single" },
                 "searchInclude": includes,
                 "searchRevInclude": revincludes,
                 "searchParam": params,

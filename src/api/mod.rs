@@ -1,4 +1,5 @@
 //! The HTTP API: the FHIR REST routes under `/fhir`.
+pub mod audit_trail;
 pub mod bundle;
 pub mod crud;
 pub mod format;
@@ -6,9 +7,11 @@ pub mod history;
 pub mod interactions;
 pub mod metadata;
 pub mod policy;
+pub mod rate_limit;
 pub mod responses;
 pub mod search;
 pub mod subscription_ops;
+pub mod token;
 pub mod write_task;
 pub mod write_tx;
 pub mod xml;
@@ -35,6 +38,10 @@ pub struct AppState {
     pub access: Arc<Access>,
     /// Writes run detached from their requests, a bounded number at once.
     pub writes: write_task::WriteSlots,
+    /// The audit trail every access to case data is recorded in.
+    pub audit: crate::audit::AuditLog,
+    /// Each client's request rate.
+    pub rate_limits: rate_limit::RateLimits,
 }
 
 impl AppState {
@@ -99,7 +106,9 @@ async fn authenticate(
         .strip_prefix("/fhir")
         .unwrap_or(&path)
         .trim_matches('/');
-    if rest == "metadata" {
+    // the OAuth endpoints are how a client gets a token
+    if rest == "metadata" || path == token::TOKEN_PATH || rest == ".well-known/smart-configuration"
+    {
         return next.run(req).await;
     }
     let principal = if state.access.is_development() {
@@ -113,18 +122,58 @@ async fn authenticate(
                 v.strip_prefix("Bearer ")
                     .or_else(|| v.strip_prefix("bearer "))
             });
-        match token.and_then(|t| state.access.authenticate(t.trim())) {
-            Some(p) => p,
-            None => {
-                return ApiError::Unauthorized(
-                    "a valid bearer token is required (Authorization: Bearer …)".into(),
-                )
-                .into_response();
+        let required = || {
+            ApiError::Unauthorized(
+                "a valid bearer token is required (Authorization: Bearer …)".into(),
+            )
+            .into_response()
+        };
+        let Some(token) = token else {
+            return required();
+        };
+        // a static token of the access file, else a JWT (ours, or a trusted issuer's)
+        let ctx = crate::auth::BearerContext {
+            secret: crate::auth::smart::token_key(
+                state.config.token_secret.as_ref().map(|s| s.as_bytes()),
+            ),
+            fhir_base: &token::fhir_base(&state.config, req.headers()),
+        };
+        match state.access.authenticate_bearer(token.trim(), ctx).await {
+            Ok(p) => p,
+            Err(crate::auth::BearerError::Unknown) => return required(),
+            Err(crate::auth::BearerError::Invalid(why)) => {
+                // RFC 6750 §3.1; the reason, never the token
+                let mut r = ApiError::Unauthorized(format!("the bearer token is not valid: {why}"))
+                    .into_response();
+                r.headers_mut().insert(
+                    axum::http::header::WWW_AUTHENTICATE,
+                    axum::http::HeaderValue::from_static(
+                        "Bearer realm=\"sentinella\", error=\"invalid_token\"",
+                    ),
+                );
+                return r;
             }
         }
     };
     req.extensions_mut().insert(Caller(principal));
     next.run(req).await
+}
+
+/// A handler that panicked: a generic OperationOutcome with a reference; the detail is logged.
+fn panic_answer(panic: Box<dyn std::any::Any + Send + 'static>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let detail = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("(no message)");
+    let reference = crate::error::correlation_id();
+    tracing::error!(panic = detail, %reference, "request handler panicked");
+    format::fhir_json(
+        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        &crate::error::internal_outcome(&reference),
+    )
+    .into_response()
 }
 
 /// 404 for a type the server does not serve (FHIR: unknown resource type).
@@ -169,6 +218,11 @@ pub fn router(state: AppState) -> Router {
         .route("/Subscription/$status", get(subscription_ops::status_type))
         .route("/Subscription/{id}/$status", get(subscription_ops::status))
         .route("/Subscription/{id}/$events", get(subscription_ops::events))
+        // inner layer first: only what the policy let through is audited
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit_trail::record,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             policy::authorize,
@@ -177,7 +231,22 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found);
     Router::new()
         .nest("/fhir", fhir)
+        // SMART Backend Services: no bearer token needed here (see `authenticate`)
+        .route(token::TOKEN_PATH, post(token::token))
+        .route(
+            "/.well-known/smart-configuration",
+            get(token::smart_configuration),
+        )
+        .route(
+            "/fhir/.well-known/smart-configuration",
+            get(token::smart_configuration),
+        )
         .fallback(not_found)
+        // once the client is known: its rate, then (outer) who it is
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            rate_limit::limit,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authenticate,
@@ -187,7 +256,7 @@ pub fn router(state: AppState) -> Router {
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
             std::time::Duration::from_secs(state.config.body_timeout_secs.max(1)),
         ))
-        .layer(CatchPanicLayer::new())
+        .layer(CatchPanicLayer::custom(panic_answer))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

@@ -55,8 +55,10 @@ pub fn allows(caller: &Principal, action: &Action) -> bool {
     match action {
         Action::Open => true,
         // unscoped reads of everything: only a client limited nowhere
+        // (the audit trail is not part of it: `history::system` leaves it out)
         Action::ReadAll => crate::fhir::SERVED_TYPES
             .iter()
+            .filter(|t| **t != crate::auth::AUDIT_TYPE)
             .all(|t| caller.may_read(t) && caller.scope(t).is_none()),
         // an unknown type is the handler's 404
         Action::Read(rt) => !crate::fhir::is_served(rt) || caller.may_read(rt),
@@ -94,6 +96,12 @@ pub async fn authorize(State(_): State<AppState>, req: Request, next: Next) -> R
 }
 
 fn refuse(caller: &Arc<Principal>, action: &Action) -> ApiError {
+    if *action == Action::Write(crate::auth::AUDIT_TYPE.to_string()) {
+        return ApiError::MethodNotAllowed(
+            "the audit trail is written by the server only: AuditEvents cannot be created, changed or deleted"
+                .into(),
+        );
+    }
     let what = match action {
         Action::Read(rt) => format!("read {rt}"),
         Action::Write(rt) => format!("write {rt}"),

@@ -78,6 +78,16 @@ const RESULT_PARAMS: &[&str] = &[
     "_revinclude",
 ];
 
+/// The deepest page a client may ask for. Offsets are counted by the database, so a deeper page
+/// costs more; beyond this a search should be narrowed (`_lastUpdated`, `_since`) instead.
+pub const MAX_OFFSET: i64 = 1_000_000;
+
+pub fn too_deep(n: i64) -> String {
+    format!(
+        "_offset {n} is beyond the deepest page ({MAX_OFFSET}): narrow the search instead (e.g. by _lastUpdated)"
+    )
+}
+
 fn bad(param: &str, msg: String) -> ApiError {
     ApiError::invalid(vec![Issue::error(
         "processing",
@@ -135,6 +145,9 @@ pub fn parse_search(rt: &str, req: &SearchRequest, lenient: bool) -> ApiResult<P
                     let n: i64 = value
                         .parse()
                         .map_err(|_| bad(key, format!("_offset '{value}' is not a number")))?;
+                    if n > MAX_OFFSET {
+                        return Err(bad(key, too_deep(n)));
+                    }
                     q.offset = n.max(0);
                 }
                 "_sort" => {

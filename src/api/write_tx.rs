@@ -81,6 +81,35 @@ impl WriteTx {
         Ok(())
     }
 
+    /// A deleted Subscription's id stays its owner's: another client re-creating it would inherit
+    /// its history (and its `$events`). `NotFound`, as for a live one that is not the caller's.
+    pub async fn admit_revival(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        current: Option<&StoredResource>,
+    ) -> ApiResult<()> {
+        if resource_type != "Subscription"
+            || !current.is_some_and(|c| c.deleted)
+            || self.caller.development
+            || self.caller.role == Role::Admin
+        {
+            return Ok(());
+        }
+        let owner = self
+            .tx
+            .last_live(resource_type, id)
+            .await?
+            .and_then(|c| crate::subscriptions::parse_body(c.body.as_deref()))
+            .map(|b| crate::subscriptions::spec::owner_of(&b));
+        match owner {
+            Some(o) if o != self.caller.id => Err(ApiError::NotFound(format!(
+                "Subscription/{id} is not one of yours"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Search conditions that keep the caller's conditional matches within what it may see (its
     /// region's cases, its own Subscriptions): another client's resource is never "the match".
     pub fn scope(&self, resource_type: &str) -> Vec<crate::store::Condition> {

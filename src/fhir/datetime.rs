@@ -131,6 +131,12 @@ fn parse_time(date: Date, t: &str) -> Option<Range> {
             }
         },
     };
+    // R4 allows a leap second (`23:59:60`): it is read as the last instant of the minute
+    let (sec, frac) = if sec == 60 {
+        (59, 999_999)
+    } else {
+        (sec, frac)
+    };
     let time = Time::from_hms_micro(h, m, sec, frac).ok()?;
     let start = micros(PrimitiveDateTime::new(date, time).assume_offset(offset));
     Some(Range {

@@ -4,6 +4,7 @@ pub mod datetime;
 pub mod definitions;
 pub mod fhirpath;
 pub mod invariants;
+pub mod json_keys;
 pub mod profile;
 pub mod resource;
 pub mod schema;
@@ -29,6 +30,8 @@ pub const SERVED_TYPES: &[&str] = &[
     "Provenance",
     "MeasureReport",
     "Subscription",
+    // the audit trail: written by the server, read by auditors
+    "AuditEvent",
 ];
 
 pub fn is_served(resource_type: &str) -> bool {

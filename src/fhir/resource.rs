@@ -11,7 +11,7 @@ pub fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::BadRequest("the request body is empty".into()));
     }
-    serde_json::from_slice(body).map_err(|e| {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::invalid(vec![Issue::error(
             "structure",
             format!(
@@ -21,7 +21,20 @@ pub fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
             ),
             None,
         )])
-    })
+    })?;
+    if let Some(mut path) = super::json_keys::first_duplicate(body) {
+        if let Some(rt) = value.get("resourceType").and_then(Value::as_str)
+            && path != "resourceType"
+        {
+            path = format!("{rt}.{path}");
+        }
+        return Err(ApiError::invalid(vec![Issue::error(
+            "structure",
+            format!("'{path}' appears twice in the same object: names must be unique"),
+            Some(path),
+        )]));
+    }
+    Ok(value)
 }
 
 /// The resource type of a parsed body, or a 400 naming what is missing.

@@ -219,6 +219,31 @@ struct Walker<'a> {
     issues: &'a mut Vec<Issue>,
 }
 
+/// What the JSON schema's patterns cannot say of a primitive value: that a date exists in the
+/// calendar (`2024-02-30` matches the pattern), that an integer fits R4's 32 bits, that a decimal is
+/// a finite number (`1e999999` is valid JSON).
+fn primitive_value_problem(type_code: &str, item: &Value) -> Option<String> {
+    match type_code {
+        "date" | "dateTime" | "instant" => {
+            let s = item.as_str()?;
+            super::datetime::parse_range(s)
+                .is_none()
+                .then(|| format!("'{s}' is not a valid {type_code}: no such date or time"))
+        }
+        "integer" | "positiveInt" | "unsignedInt" => {
+            let n = item.as_i64()?;
+            (n < i32::MIN as i64 || n > i32::MAX as i64)
+                .then(|| format!("{n} is outside the range of a FHIR {type_code} (32-bit)"))
+        }
+        // (serde_json gives no f64 for a number beyond f64's range)
+        "decimal" if item.is_number() => match item.as_f64() {
+            Some(n) if n.is_finite() => None,
+            _ => Some("the decimal is beyond the range of a number".to_string()),
+        },
+        _ => None,
+    }
+}
+
 fn is_primitive(type_code: &str) -> bool {
     type_code.starts_with(|c: char| c.is_ascii_lowercase())
         || type_code.starts_with("http://hl7.org/fhirpath/")
@@ -322,6 +347,10 @@ impl Walker<'_> {
         expr: &str,
     ) {
         if is_primitive(type_code) {
+            if let Some(problem) = primitive_value_problem(type_code, item) {
+                self.issues
+                    .push(Issue::error("value", problem, Some(expr.to_string())));
+            }
             if let (Some(vs), Some(code), "code") = (&el.binding, item.as_str(), type_code)
                 && self.valuesets.contains(vs, None, code) == Some(false)
             {

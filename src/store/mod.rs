@@ -126,6 +126,8 @@ pub struct SearchPage {
 #[derive(Debug, Clone, Default)]
 pub struct HistoryQuery {
     pub resource_type: Option<String>,
+    /// A type left out of a system-wide history (the audit trail, which has readers of its own).
+    pub except_type: Option<String>,
     pub id: Option<String>,
     pub since: Option<i64>,
     pub count: i64,
@@ -269,6 +271,12 @@ pub trait StoreTx: Send {
         resource_type: &str,
         id: &str,
     ) -> StoreResult<Option<StoredResource>>;
+    /// The newest version of a resource that is not a deletion (who owned a deleted Subscription).
+    async fn last_live(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+    ) -> StoreResult<Option<StoredResource>>;
     /// Serialise writers that use the same key until this transaction ends (conditional create).
     async fn lock(&mut self, key: &str) -> StoreResult<()>;
     /// `lock` on several keys in one round trip, in a fixed global order (no lock cycles).
@@ -283,6 +291,15 @@ pub trait StoreTx: Send {
     }
     /// Send buffered writes to the database now (they are sent before any read and at commit anyway).
     async fn flush(&mut self) -> StoreResult<()>;
+    /// Remove for good (versions, history and index rows) up to `limit` resources of a type whose
+    /// current version was written before `before` (µs); returns how many went. Only for records
+    /// the server keeps for a set time (the audit trail), never for clinical data.
+    async fn purge_before(
+        &mut self,
+        resource_type: &str,
+        before: i64,
+        limit: i64,
+    ) -> StoreResult<u64>;
 
     // CRE surveillance state (migrations/*/0002_cre_cases.sql)
     async fn cre_isolate(&mut self, isolate_id: &str) -> StoreResult<Option<IsolateState>>;

@@ -372,6 +372,10 @@ macro_rules! sql_backend {
                         sql.binds.push(Bind::Text(t.clone()));
                         conds.push(format!("resource_type = ${}", sql.binds.len()));
                     }
+                    if let Some(t) = &q.except_type {
+                        sql.binds.push(Bind::Text(t.clone()));
+                        conds.push(format!("resource_type <> ${}", sql.binds.len()));
+                    }
                     if let Some(id) = &q.id {
                         sql.binds.push(Bind::Text(id.clone()));
                         conds.push(format!("id = ${}", sql.binds.len()));
@@ -643,6 +647,20 @@ macro_rules! sql_backend {
                     row.as_ref().map(stored).transpose()
                 }
 
+                async fn last_live(&mut self, resource_type: &str, id: &str) -> StoreResult<Option<StoredResource>> {
+                    self.flush().await?;
+                    let row = sqlx::query(
+                        "SELECT resource_type, id, version_id, last_updated, deleted, body, method FROM resource_versions \
+                         WHERE resource_type = $1 AND id = $2 AND deleted = $3 ORDER BY version_id DESC LIMIT 1",
+                    )
+                    .bind(resource_type)
+                    .bind(id)
+                    .bind(false)
+                    .fetch_optional(&mut *self.tx)
+                    .await?;
+                    row.as_ref().map(stored).transpose()
+                }
+
                 async fn lock(&mut self, key: &str) -> StoreResult<()> {
                     let lock: Option<&'static str> = $lock;
                     if let Some(sql) = lock {
@@ -779,6 +797,35 @@ macro_rules! sql_backend {
                         .execute(&mut *self.tx)
                         .await?;
                     Ok(number)
+                }
+
+                async fn purge_before(&mut self, resource_type: &str, before: i64, limit: i64) -> StoreResult<u64> {
+                    self.flush().await?;
+                    // the oldest first, by the (resource_type, last_updated) index
+                    let ids: Vec<String> = sqlx::query_scalar(
+                        "SELECT id FROM resources WHERE resource_type = $1 AND last_updated < $2 \
+                         ORDER BY last_updated LIMIT $3",
+                    )
+                    .bind(resource_type)
+                    .bind(before)
+                    .bind(limit)
+                    .fetch_all(&mut *self.tx)
+                    .await?;
+                    for table in ["search_index", "resource_versions", "resources"] {
+                        for chunk in ids.chunks(200) {
+                            let marks: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect();
+                            let sql = format!(
+                                "DELETE FROM {table} WHERE resource_type = $1 AND id IN ({})",
+                                marks.join(", ")
+                            );
+                            let mut q = sqlx::query(AssertSqlSafe(sql)).bind(resource_type);
+                            for id in chunk {
+                                q = q.bind(id);
+                            }
+                            q.execute(&mut *self.tx).await?;
+                        }
+                    }
+                    Ok(ids.len() as u64)
                 }
 
                 async fn sub_prune_events(&mut self, id: &str, before: i64) -> StoreResult<i64> {

@@ -92,6 +92,8 @@ pub struct Worker {
     serving: Mutex<HashSet<String>>,
     /// A serving task ended (its slot is free, its subscription may be due again).
     freed: Notify,
+    /// Where deliveries of case data are recorded (none in tools that only deliver).
+    audit: Option<crate::audit::AuditLog>,
 }
 
 /// How a delivery loop ended.
@@ -122,7 +124,47 @@ impl Worker {
             slots: Arc::new(Semaphore::new(PARALLEL)),
             serving: Mutex::new(HashSet::new()),
             freed: Notify::new(),
+            audit: None,
         }
+    }
+
+    /// Record every notification that carries case data in the audit trail.
+    pub fn audited(mut self, audit: crate::audit::AuditLog) -> Worker {
+        self.audit = Some(audit);
+        self
+    }
+
+    async fn audit_delivery(&self, subscription: &str, spec: &Spec, content: &EventContent) {
+        let Some(audit) = &self.audit else { return };
+        // an empty notification names no resource
+        if spec.content == super::spec::Content::Empty {
+            return;
+        }
+        let focus = content.event.focus.clone();
+        let Some((rt, _)) = crate::fhir::fhirpath::split_reference(&focus) else {
+            return;
+        };
+        let patients: Vec<String> = content
+            .included
+            .iter()
+            .filter(|r| r["resourceType"] == "Patient")
+            .filter_map(|r| r["id"].as_str().map(|id| format!("Patient/{id}")))
+            .collect();
+        if !crate::audit::is_audited(rt) && patients.is_empty() {
+            return;
+        }
+        let endpoint = match &spec.channel {
+            super::spec::Channel::RestHook { endpoint, .. } => endpoint.clone(),
+            super::spec::Channel::Nats { subject } => format!("nats:{subject}"),
+        };
+        audit
+            .record(crate::audit::delivery(
+                subscription,
+                &endpoint,
+                vec![focus],
+                patients,
+            ))
+            .await;
     }
 
     /// Run until the process ends.
@@ -336,6 +378,7 @@ impl Worker {
                         if let Err(e) = self.send(&spec, &body).await {
                             break 'serve Stop::Failed(e.to_string(), json!(number));
                         }
+                        self.audit_delivery(&row.id, &spec, &content).await;
                         delivered = number;
                         last_sent = now_micros();
                         sent_any = true;

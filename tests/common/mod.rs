@@ -106,11 +106,7 @@ impl TestApp {
     /// A second server on the same database (another process, as far as the database can tell:
     /// its own connections, its own SQLite writer), answering through `TestApp::request_to`.
     pub async fn another_server(&self) -> Router {
-        let url = match &self.db {
-            Db::Sqlite(path) => format!("sqlite://{}", path.display()),
-            Db::Postgres(name) => format!("{}/{name}", postgres_admin_url()),
-        };
-        sentinella::server::build_app(Config::with_database(url))
+        sentinella::server::build_app(Config::with_database(self.database_url()))
             .await
             .expect("a second server starts on the same database")
     }
@@ -249,6 +245,25 @@ macro_rules! on_both_databases {
     };
 }
 
+/// `on_both_databases!` with a configuration (an access file, limits) applied to both servers:
+/// `on_both_databases_with!(tune; async fn name(app) { … })`.
+#[macro_export]
+macro_rules! on_both_databases_with {
+    ($tune:path; $(async fn $name:ident($app:ident) $body:block)*) => {
+        $(
+            mod $name {
+                #[allow(unused_imports)]
+                use super::*;
+                async fn run($app: $crate::common::TestApp) $body
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() { run($crate::common::TestApp::sqlite_with($tune).await).await }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() { run($crate::common::TestApp::postgres_with($tune).await).await }
+            }
+        )*
+    };
+}
+
 /// The identifier system the cancellation tests mark what they write with: every resource a test
 /// request writes carries an identifier of this system naming the request, so what a cancelled
 /// request left behind can be found with one search per type.
@@ -332,4 +347,38 @@ pub fn cancellation_marks(bundle: &Value) -> std::collections::BTreeSet<String> 
         .filter(|id| id["system"] == cancellation_system())
         .filter_map(|id| id["value"].as_str().map(String::from))
         .collect()
+}
+
+/// Lower-case hex SHA-256, as access files list tokens.
+pub fn sha256(s: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Write an access file (TOML) to a fresh temporary path: every `(placeholder, token)` pair's
+/// placeholder in `template` becomes the token's SHA-256. Returns the path.
+pub fn access_file(template: &str, tokens: &[(&str, &str)]) -> String {
+    let mut text = template.to_string();
+    for (placeholder, token) in tokens {
+        text = text.replace(placeholder, &sha256(token));
+    }
+    let path = std::env::temp_dir().join(format!(
+        "sentinella-access-{}.toml",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::write(&path, text).expect("temporary access file");
+    path.display().to_string()
+}
+
+impl TestApp {
+    /// The database URL of this app (to open a second store or server on it).
+    pub fn database_url(&self) -> String {
+        match &self.db {
+            Db::Sqlite(path) => format!("sqlite://{}", path.display()),
+            Db::Postgres(name) => format!("{}/{name}", postgres_admin_url()),
+        }
+    }
 }
