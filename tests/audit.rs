@@ -239,3 +239,47 @@ on_both_databases_with! {
         assert_eq!(audit_events(&app, "altid=admin", 0).await.len(), 0);
     }
 }
+
+/// In development mode (no access file) the single user reads the trail too.
+async fn wait_active(app: &TestApp, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while app.get(&format!("/fhir/Subscription/{id}")).await.body["status"] != "active" {
+        assert!(
+            Instant::now() < deadline,
+            "Subscription/{id} never became active"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+on_both_databases! {
+    async fn a_delivery_of_case_data_leaves_an_audit_event(app) {
+        use common::subscriber::{Hook, case_bundle, subscription};
+        let hook = Hook::start().await;
+        let s = app.post("/fhir/Subscription", &subscription(&hook.url, "cre-case", "full-resource", &[], None)).await;
+        assert_eq!(s.status, StatusCode::CREATED, "{}", s.text);
+        let sid = s.body["id"].as_str().unwrap().to_string();
+        wait_active(&app, &sid).await;
+        let r = app.post("/fhir", &case_bundle(1, "030308")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        hook.wait_for("event-notification", 1, 20).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let ev = loop {
+            let found = app.get(&format!("/fhir/AuditEvent?entity=Subscription/{sid}")).await;
+            if let Some(e) = found.body["entry"][0]["resource"].as_object() {
+                break Value::Object(e.clone());
+            }
+            assert!(Instant::now() < deadline, "no AuditEvent for the delivery");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(ev["type"]["code"], "110106", "{ev}");
+        assert_eq!(ev["agent"][1]["network"]["address"], hook.url.as_str(), "{ev}");
+        let what = entities(&ev);
+        assert!(what.iter().any(|e| e.starts_with("Communication/")), "{what:?}");
+        assert!(what.iter().any(|e| e.starts_with("Patient/")), "the case's patient: {what:?}");
+        // the server's own writes of the case are not a client's access; the client's
+        // transaction that caused it is
+        let tx = app.get("/fhir/AuditEvent?subtype=transaction").await;
+        assert_eq!(tx.body["total"], 1, "{}", tx.text);
+    }
+}

@@ -414,3 +414,82 @@ on_both_with_access!(
     conditional_create_never_returns_a_case_the_client_may_not_read,
     conditional_creates_written_differently_but_meaning_the_same_make_one_patient,
 );
+
+/// Item 4: per-client request rates. A client over its rate is answered 429 with `Retry-After`
+/// and nothing runs; other clients are not affected.
+async fn a_client_over_its_rate_gets_429_and_others_go_on(app: TestApp) {
+    let patient = json!({"resourceType": "Patient", "gender": "female"});
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        statuses.push(
+            call(
+                &app,
+                Method::POST,
+                "/fhir/Patient",
+                "lab-token",
+                Some(&patient),
+            )
+            .await
+            .status,
+        );
+    }
+    let limited = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    // a burst of twice the rate (2/s) passes, the rest of ten immediate requests do not
+    assert!(limited >= 5, "{statuses:?}");
+    let r = call(
+        &app,
+        Method::POST,
+        "/fhir/Patient",
+        "lab-token",
+        Some(&patient),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    let wait: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=2).contains(&wait), "{wait}");
+    assert_eq!(r.body["issue"][0]["code"], "throttled");
+    // what was refused was not written
+    let admin = call(
+        &app,
+        Method::GET,
+        "/fhir/Patient?_summary=count",
+        "admin-token",
+        None,
+    )
+    .await;
+    assert_eq!(
+        admin.body["total"].as_i64().unwrap() as usize,
+        statuses
+            .iter()
+            .filter(|s| **s == StatusCode::CREATED)
+            .count()
+    );
+    // another client has its own bucket
+    let r = call(&app, Method::GET, "/fhir/Patient", "ehr-token", None).await;
+    assert_eq!(r.status, StatusCode::OK);
+}
+
+fn with_access_and_a_low_rate(c: &mut Config) {
+    with_access(c);
+    c.rate_limit_per_second = 2;
+}
+
+mod a_client_over_its_rate_gets_429_and_others_go_on {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        super::a_client_over_its_rate_gets_429_and_others_go_on(
+            super::TestApp::sqlite_with(super::with_access_and_a_low_rate).await,
+        )
+        .await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        super::a_client_over_its_rate_gets_429_and_others_go_on(
+            super::TestApp::postgres_with(super::with_access_and_a_low_rate).await,
+        )
+        .await
+    }
+}

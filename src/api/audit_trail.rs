@@ -10,6 +10,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
+use super::policy::route_below_base;
 use super::{AppState, Caller};
 use crate::audit::{Interaction, Record, is_audited};
 use crate::fhir::datetime::now_micros;
@@ -23,7 +24,7 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
     let route = parts
         .extensions
         .get::<MatchedPath>()
-        .map(|m| m.as_str().trim_start_matches("/fhir").to_string())
+        .map(|m| route_below_base(m.as_str()))
         .unwrap_or_default();
     let rt = RawPathParams::from_request_parts(&mut parts, &())
         .await

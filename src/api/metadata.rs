@@ -9,7 +9,8 @@ use crate::error::ApiResult;
 use crate::fhir::{Definitions, SERVED_TYPES};
 use crate::subscriptions::spec::BACKPORT;
 
-pub fn capability_statement(base: &str, development: bool) -> Value {
+/// `token_endpoint`: where SMART Backend Services clients get tokens (`None` in development mode).
+pub fn capability_statement(base: &str, token_endpoint: Option<&str>) -> Value {
     let defs = Definitions::get();
     let resources: Vec<Value> = SERVED_TYPES
         .iter()
@@ -98,14 +99,7 @@ pub fn capability_statement(base: &str, development: bool) -> Value {
             "mode": "server",
             "resource": resources,
             "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
-            "security": {
-                "cors": false,
-                "description": if development {
-                    "Development mode: no access configuration, every request acts as a single administrator."
-                } else {
-                    "Bearer tokens (Authorization: Bearer …) of the clients in the server's access configuration; each client has a role (laboratory, ehr, region, ministry, admin) and region clients see and receive only the cases addressed to their regions."
-                },
-            },
+            "security": security(token_endpoint),
         }],
     })
 }
@@ -131,6 +125,24 @@ fn description() -> String {
     )
 }
 
+fn security(token_endpoint: Option<&str>) -> Value {
+    let Some(token) = token_endpoint else {
+        return json!({
+            "cors": false,
+            "description": "Development mode: no access configuration, every request acts as a single administrator.",
+        });
+    };
+    json!({
+        "cors": false,
+        "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR"}]}],
+        "extension": [{
+            "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+            "extension": [{"url": "token", "valueUri": token}],
+        }],
+        "description": "Bearer tokens: static tokens of the clients in the server's access configuration, access tokens from the SMART Backend Services token endpoint (client credentials with private_key_jwt; see .well-known/smart-configuration), or JWTs of a configured OpenID Connect issuer. Each client has a role (laboratory, ehr, region, ministry, admin, auditor), which token scopes may narrow but never widen; region clients see and receive only the cases addressed to their regions. Each client's request rate is limited (429 with Retry-After). Every read, search, write and delivery of case data and patients is recorded as an AuditEvent, readable by the auditor role only.",
+    })
+}
+
 pub async fn metadata(
     axum::extract::State(state): axum::extract::State<super::AppState>,
     RawQuery(query): RawQuery,
@@ -140,6 +152,11 @@ pub async fn metadata(
     negotiate(&headers, query.as_deref())?;
     Ok(fhir_json(
         StatusCode::OK,
-        &capability_statement(&base.0, state.access.is_development()),
+        &capability_statement(
+            &base.0,
+            (!state.access.is_development())
+                .then(|| super::token::token_endpoint(&state.config, &headers))
+                .as_deref(),
+        ),
     ))
 }

@@ -66,6 +66,14 @@ pub fn allows(caller: &Principal, action: &Action) -> bool {
     }
 }
 
+/// The matched route below `/fhir` (the base itself, `/fhir` or `/fhir/`, is `/`).
+pub fn route_below_base(matched: &str) -> String {
+    match matched.trim_start_matches("/fhir") {
+        "" => "/".to_string(),
+        rest => rest.to_string(),
+    }
+}
+
 /// Middleware on every routed FHIR request (a `route_layer`: it runs once the router has matched
 /// and decoded the path).
 pub async fn authorize(State(_): State<AppState>, req: Request, next: Next) -> Response {
@@ -73,7 +81,7 @@ pub async fn authorize(State(_): State<AppState>, req: Request, next: Next) -> R
     let route = parts
         .extensions
         .get::<MatchedPath>()
-        .map(|m| m.as_str().trim_start_matches("/fhir").to_string())
+        .map(|m| route_below_base(m.as_str()))
         .unwrap_or_default();
     let rt = match RawPathParams::from_request_parts(&mut parts, &()).await {
         Ok(params) => params
