@@ -216,6 +216,28 @@ on_both_databases! {
         assert_eq!(found.body["total"], 1, "{}", found.text);
     }
 
+    async fn a_bundle_or_a_search_beyond_its_limits_is_400_too_costly(app) {
+        let entry = json!({"resource": {"resourceType": "Patient", "gender": "male"}, "request": {"method": "POST", "url": "Patient"}});
+        let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": vec![entry; 1001]});
+        let r = app.post("/fhir", &bundle).await;
+        assert_outcome(&r, StatusCode::BAD_REQUEST);
+        assert_eq!(r.body["issue"][0]["code"], "too-costly", "{}", r.text);
+        assert_eq!(r.body["issue"][0]["expression"][0], "Bundle.entry");
+        assert_nothing_stored(&app).await;
+        let many: Vec<String> = (0..31).map(|i| format!("family=f{i}")).collect();
+        let r = app.get(&format!("/fhir/Patient?{}", many.join("&"))).await;
+        assert_outcome(&r, StatusCode::BAD_REQUEST);
+        assert_eq!(r.body["issue"][0]["code"], "too-costly", "{}", r.text);
+        let values: Vec<String> = (0..101).map(|i| format!("v{i}")).collect();
+        let r = app.get(&format!("/fhir/Patient?identifier={}", values.join(","))).await;
+        assert_outcome(&r, StatusCode::BAD_REQUEST);
+        // at the limits, they answer
+        let r = app.get(&format!("/fhir/Patient?{}", many[..30].join("&"))).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let r = app.get(&format!("/fhir/Patient?identifier={}", values[..100].join(","))).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    }
+
     async fn an_offset_near_the_largest_integer_is_400_not_an_overflow(app) {
         app.post("/fhir/Patient", &json!({"resourceType": "Patient", "gender": "female"})).await;
         for uri in ["/fhir/Patient?_offset=9223372036854775800", "/fhir/Patient/_history?_offset=9223372036854775800", "/fhir/_history?_offset=9223372036854775807&_count=1000"] {

@@ -426,6 +426,10 @@ enum Outcome {
     Batch(Vec<ApiResult<Done>>),
 }
 
+/// The most entries one transaction or batch may hold: a transaction holds its locks (on SQLite, the
+/// single writer) for all of them at once. A laboratory's antibiogram Bundle has a few dozen.
+pub const MAX_BUNDLE_ENTRIES: usize = 1000;
+
 fn prepare(body: &[u8]) -> ApiResult<Prepared> {
     let mut b = parse_json(body)?;
     let rt = resource_type(&b)?;
@@ -434,6 +438,16 @@ fn prepare(body: &[u8]) -> ApiResult<Prepared> {
             "invalid",
             format!("POST to the base takes a Bundle, not a {rt}"),
             Some("resourceType".into()),
+        )]));
+    }
+    let entries = b["entry"].as_array().map_or(0, Vec::len);
+    if entries > MAX_BUNDLE_ENTRIES {
+        return Err(ApiError::invalid(vec![Issue::error(
+            "too-costly",
+            format!(
+                "the Bundle has {entries} entries; at most {MAX_BUNDLE_ENTRIES} are processed in one request: split it"
+            ),
+            Some("Bundle.entry".into()),
         )]));
     }
     match b["type"].as_str() {

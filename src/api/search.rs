@@ -40,7 +40,7 @@ impl SearchRequest {
         p.join("&")
     }
 
-    fn encode(pairs: &[(String, String)]) -> String {
+    pub fn encode(pairs: &[(String, String)]) -> String {
         form_urlencoded::Serializer::new(String::new())
             .extend_pairs(pairs)
             .finish()
@@ -188,6 +188,12 @@ pub fn parse_search(rt: &str, req: &SearchRequest, lenient: bool) -> ApiResult<P
             }
             continue;
         }
+        if value.split(',').count() > MAX_VALUES {
+            return Err(bad(
+                key,
+                format!("at most {MAX_VALUES} comma-separated values in one parameter"),
+            ));
+        }
         match parse_condition(rt, name, modifier, value, defs) {
             Ok(c) => {
                 q.conditions.push(c);
@@ -201,8 +207,28 @@ pub fn parse_search(rt: &str, req: &SearchRequest, lenient: bool) -> ApiResult<P
             Err(e) => return Err(e),
         }
     }
+    if q.conditions.len() > MAX_CRITERIA {
+        return Err(too_costly(format!(
+            "{} search criteria; at most {MAX_CRITERIA} in one search",
+            q.conditions.len()
+        )));
+    }
+    if parsed.includes.len() + parsed.revincludes.len() > MAX_INCLUDES {
+        return Err(too_costly(format!(
+            "at most {MAX_INCLUDES} _include and _revinclude in one search"
+        )));
+    }
     parsed.query = q;
     Ok(parsed)
+}
+
+/// Each criterion is a join and each value a comparison: a search is bounded in both.
+const MAX_CRITERIA: usize = 30;
+const MAX_VALUES: usize = 100;
+const MAX_INCLUDES: usize = 20;
+
+fn too_costly(msg: String) -> ApiError {
+    ApiError::invalid(vec![Issue::error("too-costly", msg, None)])
 }
 
 fn parse_include(key: &str, value: &str, rev: bool, rt: &str) -> ApiResult<Include> {
