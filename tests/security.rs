@@ -40,14 +40,20 @@ role = "region"
 regions = ["010"]
 token_sha256 = "TOKEN_PIEMONTE"
 endpoints = ["https://sorveglianza.regione.piemonte.it/"]
+
+[[client]]
+id = "garante"
+role = "auditor"
+token_sha256 = "TOKEN_AUDITOR"
 "#;
 
-const ROLES: [(&str, &str); 5] = [
+const ROLES: [(&str, &str); 6] = [
     ("admin", "admin-token"),
     ("laboratory", "lab-token"),
     ("ehr", "ehr-token"),
     ("lombardia", "lombardia-token"),
     ("piemonte", "piemonte-token"),
+    ("auditor", "auditor-token"),
 ];
 
 fn sha256(s: &str) -> String {
@@ -66,6 +72,7 @@ fn with_access(c: &mut Config) {
         ("TOKEN_EHR", "ehr-token"),
         ("TOKEN_LOMBARDIA", "lombardia-token"),
         ("TOKEN_PIEMONTE", "piemonte-token"),
+        ("TOKEN_AUDITOR", "auditor-token"),
     ] {
         text = text.replace(name, &sha256(token));
     }
@@ -170,6 +177,86 @@ async fn route_matrix_encoded_types_decide_like_plain_ones(app: TestApp) {
             }
         }
     }
+}
+
+/// The auditor reads the audit trail and nothing else; nobody writes the trail (405), plain or
+/// encoded.
+async fn route_matrix_the_audit_trail_is_the_auditors_alone(app: TestApp) {
+    for (role, token) in ROLES {
+        for name in ["AuditEvent".to_string(), encoded("AuditEvent")] {
+            for (method, suffix) in [
+                (Method::GET, "?_count=1"),
+                (Method::GET, "/no-such-id"),
+                (Method::GET, "/_history?_count=1"),
+            ] {
+                let r = call(
+                    &app,
+                    method.clone(),
+                    &format!("/fhir/{name}{suffix}"),
+                    token,
+                    None,
+                )
+                .await;
+                let expected = match (role, suffix) {
+                    ("auditor", "/no-such-id") => StatusCode::NOT_FOUND,
+                    ("auditor", _) => StatusCode::OK,
+                    _ => StatusCode::FORBIDDEN,
+                };
+                assert_eq!(
+                    r.status, expected,
+                    "{role} {method} {name}{suffix}: {}",
+                    r.text
+                );
+            }
+            let body = json!({"resourceType": "AuditEvent"});
+            for (method, suffix) in [
+                (Method::POST, ""),
+                (Method::PUT, "/x"),
+                (Method::DELETE, "/x"),
+                (Method::DELETE, "?_id=x"),
+            ] {
+                let r = call(
+                    &app,
+                    method.clone(),
+                    &format!("/fhir/{name}{suffix}"),
+                    token,
+                    Some(&body),
+                )
+                .await;
+                assert_eq!(
+                    r.status,
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "{role} {method} {name}{suffix}: {}",
+                    r.text
+                );
+            }
+        }
+    }
+    for rt in sentinella::fhir::SERVED_TYPES
+        .iter()
+        .filter(|t| **t != "AuditEvent")
+    {
+        let r = call(
+            &app,
+            Method::GET,
+            &format!("/fhir/{rt}"),
+            "auditor-token",
+            None,
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "auditor GET {rt}");
+        let r = call(
+            &app,
+            Method::POST,
+            &format!("/fhir/{rt}"),
+            "auditor-token",
+            Some(&json!({"resourceType": rt})),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "auditor POST {rt}");
+    }
+    let r = call(&app, Method::GET, "/fhir/_history", "auditor-token", None).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
 }
 
 async fn percent_encoded_type_does_not_open_case_notifications_to_a_laboratory(app: TestApp) {
@@ -408,6 +495,7 @@ async fn a_deleted_subscriptions_id_stays_its_owners(app: TestApp) {
 
 on_both_with_access!(
     a_deleted_subscriptions_id_stays_its_owners,
+    route_matrix_the_audit_trail_is_the_auditors_alone,
     route_matrix_encoded_types_decide_like_plain_ones,
     percent_encoded_type_does_not_open_case_notifications_to_a_laboratory,
     conditional_create_never_returns_another_clients_subscription,
