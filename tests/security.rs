@@ -56,32 +56,18 @@ const ROLES: [(&str, &str); 6] = [
     ("auditor", "auditor-token"),
 ];
 
-fn sha256(s: &str) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 fn with_access(c: &mut Config) {
-    let mut text = ACCESS.to_string();
-    for (name, token) in [
-        ("TOKEN_ADMIN", "admin-token"),
-        ("TOKEN_LAB", "lab-token"),
-        ("TOKEN_EHR", "ehr-token"),
-        ("TOKEN_LOMBARDIA", "lombardia-token"),
-        ("TOKEN_PIEMONTE", "piemonte-token"),
-        ("TOKEN_AUDITOR", "auditor-token"),
-    ] {
-        text = text.replace(name, &sha256(token));
-    }
-    let path = std::env::temp_dir().join(format!(
-        "sentinella-access-{}.toml",
-        uuid::Uuid::new_v4().simple()
+    c.access_file = Some(common::access_file(
+        ACCESS,
+        &[
+            ("TOKEN_ADMIN", "admin-token"),
+            ("TOKEN_LAB", "lab-token"),
+            ("TOKEN_EHR", "ehr-token"),
+            ("TOKEN_LOMBARDIA", "lombardia-token"),
+            ("TOKEN_PIEMONTE", "piemonte-token"),
+            ("TOKEN_AUDITOR", "auditor-token"),
+        ],
     ));
-    std::fs::write(&path, text).unwrap();
-    c.access_file = Some(path.display().to_string());
 }
 
 fn bearer(token: &str) -> (&'static str, String) {

@@ -345,26 +345,16 @@ token_sha256 = "TOKEN_PIEMONTE"
 endpoints = ["https://sorveglianza.regione.piemonte.it/"]
 "#;
 
-fn sha256(s: &str) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 fn with_access(c: &mut Config) {
     fast(c);
-    let text = ACCESS
-        .replace("TOKEN_LAB", &sha256("lab-token"))
-        .replace("TOKEN_LOMBARDIA", &sha256("lombardia-token"))
-        .replace("TOKEN_PIEMONTE", &sha256("piemonte-token"));
-    let path = std::env::temp_dir().join(format!(
-        "sentinella-access-{}.toml",
-        uuid::Uuid::new_v4().simple()
+    c.access_file = Some(common::access_file(
+        ACCESS,
+        &[
+            ("TOKEN_LAB", "lab-token"),
+            ("TOKEN_LOMBARDIA", "lombardia-token"),
+            ("TOKEN_PIEMONTE", "piemonte-token"),
+        ],
     ));
-    std::fs::write(&path, text).unwrap();
-    c.access_file = Some(path.display().to_string());
 }
 
 const LAB: (&str, &str) = ("authorization", "Bearer lab-token");

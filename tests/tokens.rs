@@ -88,14 +88,6 @@ fn hs256(claims: &Value, secret: &str) -> String {
     .unwrap()
 }
 
-fn sha256(s: &str) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// A local server publishing a key set (the region's `jwks_url`), counting its fetches.
 struct JwksServer {
     url: String,
@@ -191,7 +183,7 @@ audience = "sentinella"
 jwks_file = "idp.jwks.json"
 clients = ["ehr-sso", "regione-lombardia"]
 "#,
-            admin = sha256(ADMIN_TOKEN),
+            admin = common::sha256(ADMIN_TOKEN),
             dir = dir.display(),
             url = jwks_server.url,
         );

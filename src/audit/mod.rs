@@ -76,15 +76,20 @@ async fn write_loop(store: SharedStore, mut rx: mpsc::Receiver<Record>) {
 }
 
 async fn write_batch(store: &SharedStore, batch: &[Record]) -> StoreResult<()> {
-    // CPU work before the write transaction
-    let versions: Vec<NewVersion> = batch
-        .iter()
-        .map(|r| {
-            let body = event::audit_event(r, &format_instant(r.recorded));
-            let id = uuid::Uuid::new_v4().to_string();
-            NewVersion::stamped(body, crate::auth::AUDIT_TYPE, &id, 1, "POST")
-        })
-        .collect();
+    // building and indexing the events is CPU work: off the async workers, before the transaction
+    let records = batch.to_vec();
+    let versions: Vec<NewVersion> = tokio::task::spawn_blocking(move || {
+        records
+            .iter()
+            .map(|r| {
+                let body = event::audit_event(r, &format_instant(r.recorded));
+                let id = uuid::Uuid::new_v4().to_string();
+                NewVersion::stamped(body, crate::auth::AUDIT_TYPE, &id, 1, "POST")
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| crate::store::StoreError::Rule(format!("audit events not built: {e}")))?;
     let mut tx = store.begin().await?;
     for v in &versions {
         tx.write(v).await?;
