@@ -8,6 +8,7 @@ pub mod evaluate;
 mod links;
 pub mod local_codes;
 pub mod notification;
+pub mod publish;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -18,8 +19,7 @@ use serde_json::Value;
 
 use crate::fhir::datetime::{format_instant, now_micros};
 use crate::store::{
-    CaseKey, CaseRow, IsolateState, NewVersion, Note, PreCommit, StoreError, StoreResult, StoreTx,
-    StoredResource, Touched,
+    CaseKey, CaseRow, IsolateState, Note, PreCommit, StoreResult, StoreTx, Touched,
 };
 use crate::subscriptions::dispatch::Dispatcher;
 use crate::terminology::{BreakpointTable, Terminology};
@@ -470,81 +470,20 @@ impl Engine {
         f: &Finding,
         status: &str,
     ) -> StoreResult<()> {
-        let current = tx.current("Communication", case_id).await?;
-        let live = current.as_ref().filter(|c| !c.deleted);
-        let old: Option<Value> = live
-            .and_then(|c| c.body.as_deref())
-            .and_then(|b| serde_json::from_str(b).ok());
-        // `sent` is when the case was decided: a refresh keeps it
-        let sent = old
-            .as_ref()
-            .and_then(|o| o["sent"].as_str().map(String::from))
-            .unwrap_or_else(|| format_instant(now_micros()));
+        // `sent` is when the case was first decided: `publish` keeps the stored one
         let body = notification::build(
             &self.definition,
             Terminology::get(),
             f,
             case_id,
             status,
-            &sent,
+            &format_instant(now_micros()),
         );
-        if let Some(mut o) = old {
-            if let Some(obj) = o.as_object_mut() {
-                obj.shift_remove("meta");
-            }
-            let mut b = body.clone();
-            if let Some(obj) = b.as_object_mut() {
-                obj.shift_remove("meta");
-            }
-            if o == b {
-                return Ok(());
-            }
-        }
-        self.store_case(tx, body, current.as_ref()).await
+        publish::publish(&self.dispatcher, tx, case_id, body).await
     }
 
     async fn withdraw(&self, tx: &mut dyn StoreTx, case_id: &str) -> StoreResult<()> {
-        let Some(current) = tx.current("Communication", case_id).await? else {
-            return Ok(());
-        };
-        let Some(mut body) = current
-            .body
-            .as_deref()
-            .and_then(|b| serde_json::from_str::<Value>(b).ok())
-        else {
-            return Ok(());
-        };
-        body["status"] = Value::String("entered-in-error".into());
-        self.store_case(tx, body, Some(&current)).await
-    }
-
-    async fn store_case(
-        &self,
-        tx: &mut dyn StoreTx,
-        body: Value,
-        current: Option<&StoredResource>,
-    ) -> StoreResult<()> {
-        crate::fhir::profile::check_notifica_caso(&body).map_err(StoreError::Rule)?;
-        let id = body["id"].as_str().unwrap_or_default().to_string();
-        let (version, method) = match current {
-            Some(c) => (c.version_id + 1, "PUT"),
-            None => (1, "POST"),
-        };
-        let v = NewVersion::stamped(body, "Communication", &id, version, method);
-        tx.write(&v).await?;
-        let previous = current
-            .filter(|c| !c.deleted)
-            .and_then(|c| crate::subscriptions::parse_body(c.body.as_deref()));
-        self.dispatcher
-            .on_write(
-                tx,
-                "Communication",
-                &id,
-                version,
-                previous.as_ref(),
-                v.resource.as_deref(),
-            )
-            .await
+        publish::withdraw(&self.dispatcher, tx, case_id).await
     }
 }
 

@@ -9,7 +9,7 @@ use super::rules::{Class, Disease, RuleSet};
 use super::{Dm1990, read_case, read_report};
 use crate::fhir::datetime::format_instant;
 use crate::italy::places::place_of_comune;
-use crate::store::{NewVersion, Note, StoreError, StoreResult, StoreTx};
+use crate::store::{Note, StoreResult, StoreTx};
 use crate::surveillance::links::Reader;
 use crate::terminology::{CANON, ICD9CM, Terminology};
 
@@ -154,79 +154,19 @@ fn coding(system: &str, code: &str) -> Value {
     c
 }
 
-/// Write a case notification unless its current version already says the same; its event goes to
-/// the outbox in the same transaction.
+/// Write a notification if it changed (see `surveillance::publish`).
 pub async fn write_notification(
     engine: &Dm1990,
     tx: &mut dyn StoreTx,
     id: &str,
-    mut body: Value,
+    body: Value,
 ) -> StoreResult<()> {
-    let current = tx.current("Communication", id).await?;
-    let live = current.as_ref().filter(|c| !c.deleted);
-    let old: Option<Value> = live
-        .and_then(|c| c.body.as_deref())
-        .and_then(|b| serde_json::from_str(b).ok());
-    if let Some(o) = &old {
-        // `sent` is when the case was decided: a refresh keeps it
-        if let Some(sent) = o.get("sent") {
-            body["sent"] = sent.clone();
-        }
-        let strip = |v: &Value| {
-            let mut v = v.clone();
-            if let Some(obj) = v.as_object_mut() {
-                obj.shift_remove("meta");
-            }
-            v
-        };
-        if strip(o) == strip(&body) {
-            return Ok(());
-        }
-    } else if body["status"] == "entered-in-error" {
-        // nothing was ever notified: nothing to withdraw
-        return Ok(());
-    }
-    crate::fhir::profile::check_notifica_caso(&body).map_err(StoreError::Rule)?;
-    let (version, method) = match &current {
-        Some(c) => (c.version_id + 1, "PUT"),
-        None => (1, "POST"),
-    };
-    let v = NewVersion::stamped(body, "Communication", id, version, method);
-    tx.write(&v).await?;
-    engine
-        .dispatcher
-        .on_write(
-            tx,
-            "Communication",
-            id,
-            version,
-            old.as_ref(),
-            v.resource.as_deref(),
-        )
-        .await
+    crate::surveillance::publish::publish(&engine.dispatcher, tx, id, body).await
 }
 
 /// Withdraw a notification (status entered-in-error, same identifier), if it was notified.
 pub async fn withdraw(engine: &Dm1990, tx: &mut dyn StoreTx, id: &str) -> StoreResult<()> {
-    let Some(current) = tx
-        .current("Communication", id)
-        .await?
-        .filter(|c| !c.deleted)
-    else {
-        return Ok(());
-    };
-    let Some(mut body) = current
-        .body
-        .as_deref()
-        .and_then(|b| serde_json::from_str::<Value>(b).ok())
-    else {
-        return Ok(());
-    };
-    if body["status"] == "entered-in-error" {
-        return Ok(());
-    }
-    body["status"] = json!("entered-in-error");
-    write_notification(engine, tx, id, body).await
+    crate::surveillance::publish::withdraw(&engine.dispatcher, tx, id).await
 }
 
 /// Make a case's notification agree with its reports; the recipients' warnings per report.
