@@ -2162,6 +2162,21 @@ on_both_databases! {
         assert_hours_after(scadenza(&case), &recorded, 24, &case);
     }
 
+    async fn deadline_from_a_date_alone_runs_from_midnight_in_rome(app) {
+        // a recordedDate without a time is an Italian day: 2 days from its midnight in Rome
+        // (23:00 or 22:00 UTC the day before), not from midnight UTC
+        let day = date_days_ago(1);
+        let posted = post_report(&app, &morbillo("morbillo", 1).onset(&day).recorded(&day)).await;
+        let case = the_case_of(&app, &posted.patient()).await;
+        let midnight = jiff::civil::Date::strptime("%Y-%m-%d", &day)
+            .unwrap()
+            .to_zoned(jiff::tz::TimeZone::get("Europe/Rome").unwrap())
+            .unwrap()
+            .timestamp()
+            .to_string();
+        assert_hours_after(scadenza(&case), &midnight, 48, &case);
+    }
+
     async fn late_report_is_marked_in_ritardo(app) {
         // observed 5 days ago, reported now: past the 2-day deadline
         let recorded = days_ago(5);

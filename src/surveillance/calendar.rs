@@ -38,6 +38,26 @@ pub fn reference_date(text: &str, source: &'static str, tz: &TimeZone) -> Option
     })
 }
 
+/// Italy's time zone: the decree's days (deadlines, rule sets in force, months) are Italian days.
+pub fn rome() -> TimeZone {
+    // bundled with the binary (jiff's tzdb-bundle-always): never missing
+    TimeZone::get("Europe/Rome").expect("the bundled time zone database has Europe/Rome")
+}
+
+/// A FHIR date or dateTime as an instant: a date without a time starts at Italian midnight.
+pub fn italian_instant(text: &str) -> Option<i64> {
+    reference_date(text, "", &rome()).map(|d| d.micros)
+}
+
+/// The Italian day (`YYYY-MM-DD`) of a FHIR date or dateTime (`2026-11-29T23:30:00Z` is the 30th).
+pub fn italian_day(text: &str) -> Option<String> {
+    if !text.contains('T') {
+        return Some(text.get(..10).unwrap_or(text).to_string());
+    }
+    let ts: Timestamp = truncate_fraction(text).parse().ok()?;
+    Some(ts.to_zoned(rome()).date().to_string())
+}
+
 /// FHIR allows any number of fractional-second digits; the parser takes nine (nanoseconds).
 fn truncate_fraction(text: &str) -> String {
     let Some(dot) = text.find('.') else {
@@ -75,6 +95,27 @@ mod tests {
             &rome(),
         );
         assert_eq!(d.unwrap().year, 2026);
+    }
+
+    #[test]
+    fn italian_days_and_midnights() {
+        assert_eq!(italian_day("2026-11-29T23:30:00Z").unwrap(), "2026-11-30");
+        assert_eq!(italian_day("2026-11-29T22:30:00Z").unwrap(), "2026-11-29");
+        assert_eq!(italian_day("2026-11-29").unwrap(), "2026-11-29");
+        // a date alone starts at midnight in Rome: 23:00 UTC the day before in winter, 22:00 in summer
+        assert_eq!(
+            italian_instant("2026-01-15"),
+            Some(
+                jiff::Timestamp::from_second(1_768_431_600)
+                    .unwrap()
+                    .as_microsecond()
+            )
+        );
+        assert_eq!(
+            italian_instant("2026-07-15").unwrap()
+                - italian_instant("2026-07-15T00:00:00Z").unwrap(),
+            -2 * 3_600_000_000
+        );
     }
 
     #[test]

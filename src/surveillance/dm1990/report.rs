@@ -6,7 +6,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::rules::{CriteriaOutcome, Notify, RuleSet, decide_criteria};
-use crate::fhir::datetime::parse_range;
 use crate::italy::places::residence_comune;
 use crate::store::StoreResult;
 use crate::surveillance::evaluate::identity;
@@ -173,8 +172,10 @@ pub fn icd9_code(concept: &Value) -> Option<String> {
         .map(String::from)
 }
 
+/// A date alone is an Italian day: its deadline runs from midnight in Rome, not in UTC.
 fn micros_of(v: &Value) -> Option<i64> {
-    v.as_str().and_then(parse_range).map(|r| r.start)
+    v.as_str()
+        .and_then(crate::surveillance::calendar::italian_instant)
 }
 
 /// Result precedence when several observations state one criterion.
@@ -392,7 +393,8 @@ pub async fn read_report(
         .or_else(|| r.recorded.clone())
         .or_else(|| comm["sent"].as_str().map(String::from))
         .unwrap_or_else(|| crate::fhir::datetime::format_instant(now));
-    let day = day.get(..10).unwrap_or(&day).to_string();
+    let day = crate::surveillance::calendar::italian_day(&day)
+        .unwrap_or_else(|| day.get(..10).unwrap_or(&day).to_string());
     let Some(set) = super::rules::in_force(sets, &day) else {
         r.missing = vec![format!("nessun insieme di regole in vigore il {day}")];
         return Ok(r);
