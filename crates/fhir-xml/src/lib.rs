@@ -4,8 +4,21 @@ use fhirbolt::model::r4::Resource;
 
 /// Convert an R4 XML resource into JSON text.
 pub fn xml_to_json(xml: &[u8]) -> Result<Vec<u8>, String> {
+    // fhirbolt unwraps the UTF-8 of names and namespaces (a fuzzer found `xmlns="\xff"`): FHIR XML is
+    // UTF-8, so anything else is refused before it gets there
+    if let Err(e) = std::str::from_utf8(xml) {
+        return Err(format!(
+            "the XML is not UTF-8 (at byte {})",
+            e.valid_up_to()
+        ));
+    }
     check_depth(xml, MAX_DEPTH)?;
-    let resource: Resource = fhirbolt::xml::from_slice(xml, None).map_err(|e| e.to_string())?;
+    // and any other panic of the reader is a refused document, not a failed server
+    let read = std::panic::catch_unwind(|| fhirbolt::xml::from_slice::<Resource>(xml, None));
+    let resource: Resource = match read {
+        Ok(r) => r.map_err(|e| e.to_string())?,
+        Err(_) => return Err("the XML could not be read as a FHIR resource".into()),
+    };
     fhirbolt::json::to_vec(&resource, None).map_err(|e| e.to_string())
 }
 
@@ -69,5 +82,14 @@ mod tests {
         assert!(xml.contains(r#"<value value="6.30"/>"#), "{xml}");
         let back = String::from_utf8(super::xml_to_json(xml.as_bytes()).unwrap()).unwrap();
         assert!(back.contains("6.30"), "{back}");
+    }
+}
+
+#[cfg(test)]
+mod utf8_tests {
+    #[test]
+    fn a_namespace_that_is_not_utf8_is_refused_not_a_panic() {
+        let err = super::xml_to_json(b"<Patient xmlns=\"\xff\"/>").unwrap_err();
+        assert!(err.contains("UTF-8"), "{err}");
     }
 }
