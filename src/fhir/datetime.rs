@@ -103,14 +103,15 @@ fn parse_time(date: Date, t: &str) -> Option<Range> {
     let offset = match tz {
         "" | "Z" => UtcOffset::UTC,
         _ => {
+            // exactly `±hh:mm` (R4's pattern): `-00:-128` once overflowed `sign * i8`
             let sign: i8 = if tz.starts_with('-') { -1 } else { 1 };
             let (h, m) = tz[1..].split_once(':')?;
-            UtcOffset::from_hms(
-                sign * h.parse::<i8>().ok()?,
-                sign * m.parse::<i8>().ok()?,
-                0,
-            )
-            .ok()?
+            let two_digits = |p: &str| -> Option<i8> {
+                (p.len() == 2 && p.bytes().all(|b| b.is_ascii_digit()))
+                    .then(|| p.parse().ok())
+                    .flatten()
+            };
+            UtcOffset::from_hms(sign * two_digits(h)?, sign * two_digits(m)?, 0).ok()?
         }
     };
     let mut parts = clock.split(':');
@@ -222,6 +223,14 @@ impl Prefix {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_offset_is_two_digits_each_and_never_overflows() {
+        // found by the datetime fuzz target: `sign * i8` overflowed on `-128`
+        assert!(parse_range("2024-01-01T10:00-00:-128").is_none());
+        assert!(parse_range("2024-01-01T10:00+1:5").is_none());
+        assert!(parse_range("2024-01-01T10:00:00-05:30").is_some());
+    }
 
     #[test]
     fn partial_dates_cover_their_span() {

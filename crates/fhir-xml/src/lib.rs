@@ -12,6 +12,11 @@ pub fn xml_to_json(xml: &[u8]) -> Result<Vec<u8>, String> {
             e.valid_up_to()
         ));
     }
+    // FHIR XML has no DTD; quick-xml asserts a DOCTYPE has a name (a debug-build panic on
+    // `<!DOCTYPE >`, found by fuzzing), and entity declarations are nothing a server should read
+    if xml.windows(9).any(|w| w.eq_ignore_ascii_case(b"<!doctype")) {
+        return Err("the XML has a DOCTYPE: FHIR XML has none".into());
+    }
     check_depth(xml, MAX_DEPTH)?;
     // and any other panic of the reader is a refused document, not a failed server
     let read = std::panic::catch_unwind(|| fhirbolt::xml::from_slice::<Resource>(xml, None));
@@ -87,6 +92,13 @@ mod tests {
 
 #[cfg(test)]
 mod utf8_tests {
+    #[test]
+    fn a_doctype_is_refused() {
+        let err =
+            super::xml_to_json(b"<!DOCTYPE ><Patient xmlns=\"http://hl7.org/fhir\"/>").unwrap_err();
+        assert!(err.contains("DOCTYPE"), "{err}");
+    }
+
     #[test]
     fn a_namespace_that_is_not_utf8_is_refused_not_a_panic() {
         let err = super::xml_to_json(b"<Patient xmlns=\"\xff\"/>").unwrap_err();
