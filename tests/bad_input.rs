@@ -247,6 +247,22 @@ on_both_databases! {
         assert_nothing_stored(&app).await;
     }
 
+    async fn a_number_or_an_array_where_an_object_belongs_is_400(app) {
+        // found by tests/rejected_requests.rs: these were stored
+        for (field, value, at) in [
+            ("subject", json!(3.5), "Observation.subject"),
+            ("identifier", json!([3.5]), "Observation.identifier[0]"),
+            ("code", json!({"coding": [[1, 2]]}), "Observation.code.coding[0]"),
+        ] {
+            let mut o = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}});
+            o[field] = value;
+            let r = app.post("/fhir/Observation", &o).await;
+            assert_outcome(&r, StatusCode::BAD_REQUEST);
+            assert!(r.expressions().iter().any(|e| e == at), "{at}: {}", r.text);
+        }
+        assert_nothing_stored(&app).await;
+    }
+
     async fn an_offset_near_the_largest_integer_is_400_not_an_overflow(app) {
         app.post("/fhir/Patient", &json!({"resourceType": "Patient", "gender": "female"})).await;
         for uri in ["/fhir/Patient?_offset=9223372036854775800", "/fhir/Patient/_history?_offset=9223372036854775800", "/fhir/_history?_offset=9223372036854775807&_count=1000"] {

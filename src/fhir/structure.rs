@@ -365,7 +365,16 @@ impl Walker<'_> {
             }
             return;
         }
-        let Some(obj) = item.as_object() else { return }; // wrong JSON type: the schema reports it
+        // the R4 JSON schema's complex types say `properties`, never `type: object`, so a number or
+        // an array where a Reference or an Address belongs passes it: refused here
+        let Some(obj) = item.as_object() else {
+            self.issues.push(Issue::error(
+                "structure",
+                format!("{} must be a JSON object (a {type_code})", el.path),
+                Some(expr.to_string()),
+            ));
+            return;
+        };
         if obj.is_empty() {
             return self.empty(expr);
         }
