@@ -12,11 +12,6 @@ pub fn xml_to_json(xml: &[u8]) -> Result<Vec<u8>, String> {
             e.valid_up_to()
         ));
     }
-    // FHIR XML has no DTD; quick-xml asserts a DOCTYPE has a name (a debug-build panic on
-    // `<!DOCTYPE >`, found by fuzzing), and entity declarations are nothing a server should read
-    if xml.windows(9).any(|w| w.eq_ignore_ascii_case(b"<!doctype")) {
-        return Err("the XML has a DOCTYPE: FHIR XML has none".into());
-    }
     check_depth(xml, MAX_DEPTH)?;
     // and any other panic of the reader is a refused document, not a failed server
     let read = std::panic::catch_unwind(|| fhirbolt::xml::from_slice::<Resource>(xml, None));
@@ -32,8 +27,14 @@ pub fn xml_to_json(xml: &[u8]) -> Result<Vec<u8>, String> {
 pub const MAX_DEPTH: usize = 128;
 
 /// Refuse a document nested deeper than `max` elements, by a streaming pass that does not recurse.
+/// A DOCTYPE is refused first: FHIR XML has no DTD, entity declarations are nothing a server should
+/// read, and quick-xml asserts that a DOCTYPE has a name (a debug-build panic on `<!DOCTYPE >`, found
+/// by fuzzing).
 pub fn check_depth(xml: &[u8], max: usize) -> Result<(), String> {
     use quick_xml::events::Event;
+    if xml.windows(9).any(|w| w.eq_ignore_ascii_case(b"<!doctype")) {
+        return Err("the XML has a DOCTYPE: FHIR XML has none".into());
+    }
     let mut reader = quick_xml::Reader::from_reader(xml);
     let mut buf = Vec::new();
     let mut depth = 0usize;
