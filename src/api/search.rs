@@ -381,16 +381,17 @@ fn reference_match(
     modifier: Option<&str>,
     targets: &[String],
 ) -> ApiResult<Match> {
+    // a reference's own entries have no system; its identifier's have one (`:identifier`)
     let exact = |t: &str, id: &str| Match::Exact {
         value: format!("{t}/{id}"),
-        system: SystemMatch::Any,
+        system: SystemMatch::Absent,
     };
     match modifier {
         None => Ok(match split_reference(v) {
             Some((t, id)) => exact(t, id),
             None if v.contains("://") => Match::Exact {
                 value: v.to_string(),
-                system: SystemMatch::Any,
+                system: SystemMatch::Absent,
             },
             None if targets.len() == 1 => exact(&targets[0], v),
             None => Match::AnyTypeId(v.to_string()),
@@ -398,6 +399,17 @@ fn reference_match(
         Some(t) if t.starts_with(|c: char| c.is_ascii_uppercase()) && crate::fhir::is_served(t) => {
             Ok(exact(t, v))
         }
+        // the reference's logical identifier: `system|value`
+        Some("identifier") => match v.split_once('|') {
+            Some((system, value)) if !system.is_empty() && !value.is_empty() => Ok(Match::Exact {
+                value: value.to_string(),
+                system: SystemMatch::Is(system.to_string()),
+            }),
+            _ => Err(bad(
+                key,
+                format!("{key}={v}: give the identifier as system|value"),
+            )),
+        },
         Some(m) => Err(bad(
             key,
             format!("modifier :{m} is not supported for reference parameters"),

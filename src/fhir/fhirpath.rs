@@ -15,8 +15,9 @@ enum Step {
     Exact(String),
     /// Keep References that point to a resource of this type.
     ResolveIs(String),
-    /// Keep Identifiers or Codings of this system.
-    SystemIs(String),
+    /// Keep the elements whose primitive child has this value: `where(system='…')` keeps
+    /// Identifiers or Codings of a system, `where(url='…')` extensions of a URL.
+    ChildIs(String, String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -75,13 +76,8 @@ fn parse_part(part: &str) -> Option<PathExpr> {
             .and_then(|s| s.strip_suffix(')'))
         {
             steps.push(Step::ResolveIs(inner.trim().to_string()));
-        } else if let Some(system) = seg
-            .strip_prefix("where(system=")
-            .and_then(|s| s.strip_suffix(')'))
-            .and_then(|s| s.trim().strip_prefix('\''))
-            .and_then(|s| s.strip_suffix('\''))
-        {
-            steps.push(Step::SystemIs(system.to_string()));
+        } else if let Some((field, value)) = child_is(seg) {
+            steps.push(Step::ChildIs(field.to_string(), value.to_string()));
         } else if let Some(t) = seg
             .strip_prefix("ofType(")
             .and_then(|s| s.strip_suffix(')'))
@@ -100,6 +96,15 @@ fn parse_part(part: &str) -> Option<PathExpr> {
         resource_type,
         steps,
     })
+}
+
+/// `where(system='…')` or `where(url='…')`: the child and the value it must have.
+fn child_is(seg: &str) -> Option<(&str, &str)> {
+    let inner = seg.strip_prefix("where(")?.strip_suffix(')')?;
+    let (field, value) = inner.split_once('=')?;
+    let field = field.trim();
+    let value = value.trim().strip_prefix('\'')?.strip_suffix('\'')?;
+    (matches!(field, "system" | "url") && !value.contains('\'')).then_some((field, value))
 }
 
 fn make_exact(steps: &mut [Step], type_name: &str) -> Option<()> {
@@ -179,8 +184,8 @@ impl PathExpr {
                             next.push(node);
                         }
                     }
-                    Step::SystemIs(system) => {
-                        if node["system"].as_str() == Some(system.as_str()) {
+                    Step::ChildIs(field, value) => {
+                        if node[field.as_str()].as_str() == Some(value.as_str()) {
                             next.push(node);
                         }
                     }
@@ -289,6 +294,21 @@ mod tests {
         let found = p[0].evaluate(&c, &suffixes());
         assert_eq!(found.len(), 1);
         assert_eq!(found[0]["value"], "030");
+    }
+
+    #[test]
+    fn where_url_keeps_that_extension_only() {
+        let p = parse_for_type(
+            "MeasureReport.extension.where(url='https://x.org/a.b').value",
+            "MeasureReport",
+        )
+        .unwrap();
+        let r = serde_json::json!({"resourceType": "MeasureReport", "extension": [
+            {"url": "https://x.org/other", "valueCoding": {"code": "1"}},
+            {"url": "https://x.org/a.b", "valueCoding": {"code": "030"}}]});
+        let found = p[0].evaluate(&r, &suffixes());
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0]["code"], "030");
     }
 
     #[test]

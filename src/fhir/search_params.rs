@@ -406,15 +406,7 @@ fn text(system: Option<&str>, value: &str) -> IndexValue {
 fn index_values(kind: ParamType, node: &Value) -> Vec<IndexValue> {
     match kind {
         ParamType::Token => token_values(node),
-        ParamType::Reference => match node.get("reference").and_then(Value::as_str) {
-            Some(r) => match fhirpath::split_reference(r) {
-                Some((t, id)) => vec![text(None, &format!("{t}/{id}"))],
-                // another server's resource: found only by its full URL
-                None if r.contains("://") => vec![text(None, r)],
-                None => vec![],
-            },
-            None => vec![],
-        },
+        ParamType::Reference => reference_values(node),
         ParamType::Date => datetime::value_range(node)
             .map(IndexValue::Date)
             .into_iter()
@@ -428,6 +420,33 @@ fn index_values(kind: ParamType, node: &Value) -> Vec<IndexValue> {
             .map(|s| vec![text(None, s)])
             .unwrap_or_default(),
     }
+}
+
+/// A Reference is found by its `Type/id` (or, another server's, its full URL) and by its logical
+/// identifier (`:identifier`, as a token with its system); a canonical (`MeasureReport.measure`) by
+/// its URL, with and without its `|version`.
+fn reference_values(node: &Value) -> Vec<IndexValue> {
+    if let Value::String(canonical) = node {
+        let mut out = vec![text(None, canonical)];
+        if let Some((url, _)) = canonical.split_once('|') {
+            out.push(text(None, url));
+        }
+        return out;
+    }
+    let mut out = match node.get("reference").and_then(Value::as_str) {
+        Some(r) => match fhirpath::split_reference(r) {
+            Some((t, id)) => vec![text(None, &format!("{t}/{id}"))],
+            // another server's resource: found only by its full URL
+            None if r.contains("://") => vec![text(None, r)],
+            None => vec![],
+        },
+        None => vec![],
+    };
+    let identifier = &node["identifier"];
+    if let (Some(system), Some(value)) = (identifier["system"].as_str(), identifier["value"].as_str()) {
+        out.push(text(Some(system), value));
+    }
+    out
 }
 
 fn token_values(node: &Value) -> Vec<IndexValue> {

@@ -162,6 +162,63 @@ pub struct CaseRow {
     pub active: bool,
 }
 
+/// One case as the periodic summaries count it (migrations/*/0006_case_register.sql).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegisteredCase {
+    pub case_id: String,
+    /// The rule family (`dm-1990`, `cre`) and the notification category (`classe-2`, `cre`…).
+    pub family: String,
+    pub category: String,
+    /// The listed disease (ICD-9-CM entry of the rule table; CRE: the organism's code).
+    pub disease: String,
+    /// The ICD-9-CM code reported.
+    pub code: String,
+    /// The Europe/Rome day (yyyymmdd) that puts the case in a period.
+    pub day: i32,
+    /// Completed years at `day`, capped as Modello 15 records them (0 under one year, 99 above).
+    pub age: Option<i32>,
+    /// Administrative gender (`unknown` when not given).
+    pub sex: String,
+    pub comune: Option<String>,
+    pub province: Option<String>,
+    pub asl: Option<String>,
+    pub region: Option<String>,
+    pub active: bool,
+    /// What a reader opens to see the case (`Communication/<id>`…).
+    pub refs: Vec<String>,
+}
+
+/// Where the cases a summary counts live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Area {
+    Asl(String),
+    Province(String),
+    Region(String),
+    Country,
+}
+
+/// The standing cases of a family in an area whose day is in `[from_day, to_day]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegisterQuery {
+    pub family: String,
+    pub area: Area,
+    pub from_day: i32,
+    pub to_day: i32,
+}
+
+/// The number of standing cases sharing everything a summary stratifies by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RegisterGroup {
+    pub category: String,
+    pub disease: String,
+    pub code: String,
+    pub age: Option<i32>,
+    pub sex: String,
+    pub province: Option<String>,
+    pub asl: Option<String>,
+    pub region: Option<String>,
+}
+
 /// The delivery state of one Subscription (migrations/*/0003_subscriptions.sql).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SubscriptionRow {
@@ -258,6 +315,12 @@ pub trait Store: Send + Sync {
     ) -> StoreResult<Vec<EventRow>>;
     /// Is any subscription due for a handshake, an event, a heartbeat or its end at `now`?
     async fn subscriptions_due(&self, now: i64) -> StoreResult<bool>;
+    /// The standing cases of a query, counted by everything a summary stratifies by.
+    async fn register_counts(&self, q: &RegisterQuery) -> StoreResult<Vec<(RegisterGroup, i64)>>;
+    /// The standing cases of a query, one by one (at most `limit`).
+    async fn register_cases(&self, q: &RegisterQuery, limit: i64)
+    -> StoreResult<Vec<RegisteredCase>>;
+
     /// Wait until everything committed so far is durable (SQLite makes a commit visible a moment
     /// before its log sync; PostgreSQL only after). Whatever is sent out waits for this.
     async fn durable(&self);
@@ -369,6 +432,11 @@ pub trait StoreTx: Send {
     /// Delete the delivered events of a subscription that occurred before `before` (µs); the new
     /// `pruned_count`.
     async fn sub_prune_events(&mut self, id: &str, before: i64) -> StoreResult<i64>;
+
+    /// Record a case as the summaries count it (insert or replace by `case_id`).
+    async fn register_case(&mut self, c: &RegisteredCase) -> StoreResult<()>;
+    /// A case stands again or no more (no row: nothing to do).
+    async fn register_set_active(&mut self, case_id: &str, active: bool) -> StoreResult<()>;
 
     // What rule sets remember between writes (migrations/*/0005_rule_state.sql): JSON records
     // under a key unique per rule set, found again by key or by tag (an indexed lookup key).

@@ -12,7 +12,7 @@ use sqlx::{AssertSqlSafe, Row};
 use super::backend::index_rows;
 use super::query::{Bind, COLUMNS, SearchQuery, Sql, param_filter};
 use super::{
-    CaseKey, CaseRow, DeliveryState, EventRow, HistoryQuery, Hooks, IsolateState, NewVersion, Note,
+    Area, CaseKey, CaseRow, DeliveryState, RegisterGroup, RegisterQuery, RegisteredCase, EventRow, HistoryQuery, Hooks, IsolateState, NewVersion, Note,
     SearchPage, SharedStore, Store, StoreError, StoreResult, StoreTx, StoredResource,
     SubscriptionRow, Touched, hooks::run_before_commit,
 };
@@ -68,6 +68,37 @@ fn lock_key(key: &str) -> i64 {
 fn state_value(text: &str) -> StoreResult<serde_json::Value> {
     serde_json::from_str(text).map_err(|e| StoreError::Rule(format!("rule state is not JSON: {e}")))
 }
+
+/// The WHERE clause of a register query (binds `$1` area code unless the country, then the days,
+/// then the family), and its binds.
+fn register_filter(q: &RegisterQuery) -> (String, Vec<Bind>) {
+    let (column, code) = match &q.area {
+        Area::Asl(c) => ("asl", Some(c)),
+        Area::Province(c) => ("province", Some(c)),
+        Area::Region(c) => ("region", Some(c)),
+        Area::Country => ("", None),
+    };
+    let mut binds = Vec::new();
+    let mut text = String::new();
+    if let Some(code) = code {
+        binds.push(Bind::Text(code.clone()));
+        text.push_str(&format!("{column} = $1 AND "));
+    }
+    let n = binds.len();
+    binds.push(Bind::Int(q.from_day as i64));
+    binds.push(Bind::Int(q.to_day as i64));
+    binds.push(Bind::Text(q.family.clone()));
+    text.push_str(&format!(
+        "day BETWEEN ${} AND ${} AND family = ${} AND active",
+        n + 1,
+        n + 2,
+        n + 3
+    ));
+    (text, binds)
+}
+
+const REGISTER_COLUMNS: &str =
+    "case_id, family, category, disease, code, day, age, sex, comune, province, asl, region, active, refs";
 
 /// `$writer` hands out write transactions (`$begin`) held as `$conn` (which derefs to the driver's
 /// connection) and finished by `$commit`.
@@ -458,6 +489,62 @@ macro_rules! sql_backend {
                     Durable::durable(&self.writer).await
                 }
 
+                async fn register_counts(&self, q: &RegisterQuery) -> StoreResult<Vec<(RegisterGroup, i64)>> {
+                    let (filter, binds) = register_filter(q);
+                    let text = format!(
+                        "SELECT category, disease, code, age, sex, province, asl, region, COUNT(*) FROM case_register \
+                         WHERE {filter} GROUP BY category, disease, code, age, sex, province, asl, region"
+                    );
+                    let rows = bind_all(sqlx::query(AssertSqlSafe(text)), &binds).fetch_all(&self.read).await?;
+                    rows.iter()
+                        .map(|r| {
+                            Ok((
+                                RegisterGroup {
+                                    category: r.try_get(0)?,
+                                    disease: r.try_get(1)?,
+                                    code: r.try_get(2)?,
+                                    age: r.try_get(3)?,
+                                    sex: r.try_get(4)?,
+                                    province: r.try_get(5)?,
+                                    asl: r.try_get(6)?,
+                                    region: r.try_get(7)?,
+                                },
+                                r.try_get::<i64, _>(8)?,
+                            ))
+                        })
+                        .collect()
+                }
+
+                async fn register_cases(&self, q: &RegisterQuery, limit: i64) -> StoreResult<Vec<RegisteredCase>> {
+                    let (filter, mut binds) = register_filter(q);
+                    binds.push(Bind::Int(limit));
+                    let text = format!(
+                        "SELECT {REGISTER_COLUMNS} FROM case_register WHERE {filter} ORDER BY day, case_id LIMIT ${}",
+                        binds.len()
+                    );
+                    let rows = bind_all(sqlx::query(AssertSqlSafe(text)), &binds).fetch_all(&self.read).await?;
+                    rows.iter()
+                        .map(|r| {
+                            Ok(RegisteredCase {
+                                case_id: r.try_get(0)?,
+                                family: r.try_get(1)?,
+                                category: r.try_get(2)?,
+                                disease: r.try_get(3)?,
+                                code: r.try_get(4)?,
+                                day: r.try_get(5)?,
+                                age: r.try_get(6)?,
+                                sex: r.try_get(7)?,
+                                comune: r.try_get(8)?,
+                                province: r.try_get(9)?,
+                                asl: r.try_get(10)?,
+                                region: r.try_get(11)?,
+                                active: r.try_get(12)?,
+                                refs: r.try_get::<String, _>(13)?.split_whitespace().map(String::from).collect(),
+                            })
+                        })
+                        .collect()
+                }
+
                 async fn subscriptions_due(&self, now: i64) -> StoreResult<bool> {
                     let sql = format!("SELECT id FROM subscriptions WHERE {DUE_SQL} LIMIT 1");
                     let row = sqlx::query(AssertSqlSafe(sql)).bind(now).fetch_optional(&self.read).await?;
@@ -475,7 +562,7 @@ macro_rules! sql_backend {
                             marks.push(format!("${}", sql.binds.len()));
                         }
                         let text = format!(
-                            "SELECT DISTINCT s.value FROM search_index s WHERE s.resource_type = $1 AND {p} AND s.id IN ({})",
+                            "SELECT DISTINCT s.value FROM search_index s WHERE s.resource_type = $1 AND {p} AND s.system IS NULL AND s.id IN ({})",
                             marks.join(",")
                         );
                         let rows = bind_all(sqlx::query(AssertSqlSafe(text)), &sql.binds).fetch_all(&self.read).await?;
@@ -964,6 +1051,47 @@ macro_rules! sql_backend {
                         .bind(case_id)
                         .bind(isolate_id)
                         .bind(active)
+                        .execute(&mut *self.tx)
+                        .await?;
+                    Ok(())
+                }
+
+                async fn register_case(&mut self, c: &RegisteredCase) -> StoreResult<()> {
+                    self.flush().await?;
+                    sqlx::query(
+                        "INSERT INTO case_register (case_id, family, category, disease, code, day, age, sex, comune, province, asl, region, active, refs, updated_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+                         ON CONFLICT (case_id) DO UPDATE SET family = excluded.family, category = excluded.category, \
+                         disease = excluded.disease, code = excluded.code, day = excluded.day, age = excluded.age, sex = excluded.sex, \
+                         comune = excluded.comune, province = excluded.province, asl = excluded.asl, region = excluded.region, \
+                         active = excluded.active, refs = excluded.refs, updated_at = excluded.updated_at",
+                    )
+                    .bind(&c.case_id)
+                    .bind(&c.family)
+                    .bind(&c.category)
+                    .bind(&c.disease)
+                    .bind(&c.code)
+                    .bind(c.day)
+                    .bind(c.age)
+                    .bind(&c.sex)
+                    .bind(&c.comune)
+                    .bind(&c.province)
+                    .bind(&c.asl)
+                    .bind(&c.region)
+                    .bind(c.active)
+                    .bind(c.refs.join(" "))
+                    .bind(crate::fhir::datetime::now_micros())
+                    .execute(&mut *self.tx)
+                    .await?;
+                    Ok(())
+                }
+
+                async fn register_set_active(&mut self, case_id: &str, active: bool) -> StoreResult<()> {
+                    self.flush().await?;
+                    sqlx::query("UPDATE case_register SET active = $2, updated_at = $3 WHERE case_id = $1")
+                        .bind(case_id)
+                        .bind(active)
+                        .bind(crate::fhir::datetime::now_micros())
                         .execute(&mut *self.tx)
                         .await?;
                     Ok(())

@@ -9,6 +9,7 @@ mod links;
 pub mod local_codes;
 pub mod notification;
 pub mod publish;
+pub mod register;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -434,6 +435,7 @@ impl Engine {
                         .cre_set_case(&case.case_id, &f.isolate_id, true)
                         .await?;
                 }
+                self.register(reader, &case.case_id, &f).await?;
                 self.write_case(reader.tx, &case.case_id, &f, "completed")
                     .await
             }
@@ -442,6 +444,7 @@ impl Engine {
                     .tx
                     .cre_set_case(&case.case_id, &case.isolate_id, false)
                     .await?;
+                reader.tx.register_set_active(&case.case_id, false).await?;
                 self.withdraw(reader.tx, &case.case_id).await
             }
             (None, Some(f)) => {
@@ -453,6 +456,7 @@ impl Engine {
                 };
                 // the unique index decides between racing transactions: the loser adds nothing
                 if reader.tx.cre_claim_case(&case, now_micros()).await? {
+                    self.register(reader, &case.case_id, &f).await?;
                     self.write_case(reader.tx, &case.case_id, &f, "completed")
                         .await?;
                 }
@@ -460,6 +464,38 @@ impl Engine {
             }
             (None, None) => Ok(()),
         }
+    }
+
+    /// Record the case as the periodic summaries count it: on the Italian day of its reference
+    /// date, in the treating facility's ASL and region (who reports it), the province and age band
+    /// from the patient.
+    async fn register(&self, reader: &mut Reader<'_>, case_id: &str, f: &Finding) -> StoreResult<()> {
+        let Some(day) = register::rome_day_of_micros(f.date.micros) else {
+            return Ok(());
+        };
+        let patient = reader.read("Patient", &f.patient_id).await?;
+        let patient = patient.as_deref().unwrap_or(&Value::Null);
+        let comune = crate::italy::places::residence_comune(patient);
+        let mut area = register::CaseArea::of(comune.as_deref(), None);
+        // counted where it was treated: the facility's ASL and region replace the residence's
+        if let Some((_, code, _)) = &f.facility.asl {
+            area.asl = Some(code.clone());
+            area.region = code.get(..3).map(String::from);
+        }
+        let code = &f.species.reason_code.code;
+        let facts = register::CaseFacts {
+            case_id,
+            family: "cre",
+            category: "cre",
+            disease: code,
+            code,
+            day,
+            birth_date: patient["birthDate"].as_str(),
+            sex: register::sex_of(patient),
+            area,
+            refs: vec![format!("Communication/{case_id}")],
+        };
+        reader.tx.register_case(&facts.row()).await
     }
 
     /// Write the case Communication unless the current version already says the same.

@@ -11,6 +11,7 @@ use crate::fhir::datetime::format_instant;
 use crate::italy::places::place_of_comune;
 use crate::store::{Note, StoreResult, StoreTx};
 use crate::surveillance::links::Reader;
+use crate::surveillance::register::{CaseArea, CaseFacts, rome_day_of_micros};
 use crate::terminology::{CANON, ICD9CM, Terminology};
 
 const HOUR_US: i64 = 3_600_000_000;
@@ -195,6 +196,7 @@ pub async fn refresh_case(
         super::put_case(reader.tx, key, &case).await?;
     }
     let Some(first) = active.first() else {
+        reader.tx.register_set_active(&case.case_id, false).await?;
         withdraw(engine, reader.tx, &case.case_id).await?;
         return Ok(vec![]);
     };
@@ -202,6 +204,7 @@ pub async fn refresh_case(
     let Some((class, disease)) = class_of(set, first) else {
         return Ok(vec![]);
     };
+    register(reader.tx, &case, class, disease, &active).await?;
     if class.notify == super::rules::Notify::Never {
         // class V: recorded for the annual summary, notified only within an outbreak
         return Ok(vec![]);
@@ -218,6 +221,51 @@ pub async fn refresh_case(
     );
     write_notification(engine, reader.tx, &case.case_id, body).await?;
     Ok(recipients.warnings)
+}
+
+/// Record the case as the periodic summaries count it: counted on the Italian day of its first
+/// onset, where its first standing report's patient lives; opened through its notification, or
+/// (class V, never notified) through its reports.
+async fn register(
+    tx: &mut dyn StoreTx,
+    case: &super::CaseRecord,
+    class: &Class,
+    disease: &Disease,
+    reports: &[&Report],
+) -> StoreResult<()> {
+    let first = reports[0];
+    let Some(day) = case
+        .first_onset_us
+        .or(first.onset_us)
+        .or(Some(first.received_us))
+        .and_then(rome_day_of_micros)
+    else {
+        return Ok(());
+    };
+    let refs = if class.notify == super::rules::Notify::Never {
+        reports
+            .iter()
+            .map(|r| format!("Communication/{}", r.id))
+            .collect()
+    } else {
+        vec![format!("Communication/{}", case.case_id)]
+    };
+    let facts = CaseFacts {
+        case_id: &case.case_id,
+        family: super::STATE,
+        category: &class.category,
+        disease: first.disease.as_deref().unwrap_or(&disease.code),
+        code: first.code.as_deref().unwrap_or(&disease.code),
+        day,
+        birth_date: first.birth_date.as_deref(),
+        sex: first.sex.clone().unwrap_or_else(|| "unknown".into()),
+        area: CaseArea::of(
+            first.comune.as_deref(),
+            first.notifying_asl.as_ref().map(|a| a.0.as_str()),
+        ),
+        refs,
+    };
+    tx.register_case(&facts.row()).await
 }
 
 /// The deadline of a class from the earliest recordedDate of the reports (µs).

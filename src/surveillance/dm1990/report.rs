@@ -65,6 +65,11 @@ pub struct Report {
     pub community: Option<Community>,
     pub previous_treatment: Option<String>,
     pub comune: Option<String>,
+    /// The patient's birth date and administrative gender (the summaries' age band and sex).
+    #[serde(default)]
+    pub birth_date: Option<String>,
+    #[serde(default)]
+    pub sex: Option<String>,
     /// The notifying ASL's NSIS code and name (the segnalazione's `recipient`).
     pub notifying_asl: Option<(String, String)>,
     pub evidence: Vec<Evidence>,
@@ -280,6 +285,8 @@ pub async fn read_report(
             r.identity = identity;
             r.codice_fiscale = cf;
             r.comune = residence_comune(&p);
+            r.birth_date = p["birthDate"].as_str().map(String::from);
+            r.sex = p["gender"].as_str().map(String::from);
         }
         r.patient_id = Some(pid);
     }
