@@ -105,6 +105,10 @@ pub struct Config {
     /// 429 with Retry-After. 0: no limit. Development mode is never limited.
     #[arg(long, env = "SENTINELLA_RATE_LIMIT_PER_SECOND", default_value_t = 500)]
     pub rate_limit_per_second: u32,
+    /// Minutes between two runs that store the periodic summaries (MeasureReports) of the month and
+    /// the year that ended last; 0: never (they can still be stored with Measure/$generate-reports).
+    #[arg(long, env = "SENTINELLA_SUMMARY_EVERY_MINUTES", default_value_t = 60)]
+    pub summary_every_minutes: u64,
     /// Days an AuditEvent is kept before it is removed (0: kept for ever).
     #[arg(long, env = "SENTINELLA_AUDIT_RETENTION_DAYS", default_value_t = 365)]
     pub audit_retention_days: u64,
@@ -137,6 +141,8 @@ impl Config {
             delivery_timeout_ms: 10_000,
             event_retention_days: 30,
             audit_retention_days: 365,
+            // embedded: summaries are stored when asked ($generate-reports), not on a clock
+            summary_every_minutes: 0,
             // embedded (tests, benchmarks): drivers that send as fast as they can
             rate_limit_per_second: 0,
         }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod fhir;
 pub mod italy;
+pub mod measures;
 pub mod server;
 pub mod store;
 pub mod subscriptions;

@@ -69,6 +69,17 @@ pub async fn build_app(config: Config) -> anyhow::Result<Router> {
         .audited(audit.clone()),
     );
     tracing::info!(topics, "subscription topics loaded");
+    tracing::info!(
+        measures = crate::measures::definition::measures().len(),
+        "summary measures loaded"
+    );
+    if config.summary_every_minutes > 0 {
+        crate::measures::generate::spawn_schedule(
+            store.clone(),
+            dispatcher.clone(),
+            Duration::from_secs(config.summary_every_minutes.saturating_mul(60)),
+        );
+    }
     tokio::spawn(worker.run());
     tracing::info!(
         case_definition = %engine.definition.canonical(),

@@ -81,9 +81,36 @@ pub fn capability_statement(base: &str, token_endpoint: Option<&str>) -> Value {
                     {"name": "events", "definition": "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-events"},
                 ]);
             }
+            if *rt == "MeasureReport" {
+                entry["operation"] = json!([{
+                    "name": "generate-reports",
+                    "definition": format!("{}/OperationDefinition/generate-reports", crate::terminology::CANON),
+                    "documentation": "POST ?period=YYYY-MM (or YYYY): store now the periodic summaries of that month (Modello 16 per ASL, Modello 16-bis and CRE monthly per region) or year (class V annual per ASL and region), as the server does once a period is over; a new version only where a count changed. Administrators only."
+                }]);
+            }
             entry
         })
         .collect();
+    // the Measures of profiles/: read-only resources the server does not store
+    let mut resources = resources;
+    resources.push(json!({
+        "type": "Measure",
+        "profile": "http://hl7.org/fhir/StructureDefinition/Measure",
+        "documentation": format!("Read-only: the summaries' definitions are data in the repository ({}).",
+            crate::measures::definition::measures().iter().map(|m| m.url.as_str()).collect::<Vec<_>>().join(", ")),
+        "interaction": [{"code": "read"}, {"code": "search-type"}],
+        "searchParam": [
+            {"name": "_id", "definition": "http://hl7.org/fhir/SearchParameter/Resource-id", "type": "token"},
+            {"name": "url", "definition": "http://hl7.org/fhir/SearchParameter/conformance-url", "type": "uri"},
+            {"name": "name", "definition": "http://hl7.org/fhir/SearchParameter/conformance-name", "type": "string"},
+            {"name": "status", "definition": "http://hl7.org/fhir/SearchParameter/conformance-status", "type": "token"},
+        ],
+        "operation": [{
+            "name": "evaluate-measure",
+            "definition": "http://hl7.org/fhir/OperationDefinition/Measure-evaluate-measure",
+            "documentation": "periodStart, periodEnd (dates), subject (an area as CANON/sid/asl|CODE, /sid/provincia|CODE or /sid/regione|CODE), reportType summary (default) or subject-list (the cases behind each count, for clients who may read them)."
+        }]
+    }));
     json!({
         "resourceType": "CapabilityStatement",
         "status": "active",

@@ -5,6 +5,7 @@ pub mod crud;
 pub mod format;
 pub mod history;
 pub mod interactions;
+pub mod measure;
 pub mod metadata;
 pub mod policy;
 pub mod rate_limit;
@@ -215,6 +216,21 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/{type}/{id}/_history", get(history::instance))
         .route("/{type}/{id}/_history/{vid}", get(crud::vread))
+        // Measures are data of the repository: read-only (other methods answer 405)
+        .route("/Measure", get(measure::search))
+        .route("/Measure/{id}", get(measure::read))
+        .route(
+            "/Measure/$evaluate-measure",
+            get(measure::evaluate_type).post(measure::evaluate_type),
+        )
+        .route(
+            "/Measure/{id}/$evaluate-measure",
+            get(measure::evaluate_instance).post(measure::evaluate_instance),
+        )
+        .route(
+            "/MeasureReport/$generate-reports",
+            post(measure::generate_reports),
+        )
         .route("/Subscription/$status", get(subscription_ops::status_type))
         .route("/Subscription/{id}/$status", get(subscription_ops::status))
         .route("/Subscription/{id}/$events", get(subscription_ops::events))

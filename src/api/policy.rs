@@ -28,6 +28,13 @@ pub enum Action {
 /// The action of a routed request: `route` is the matched pattern below `/fhir`, `rt` the decoded
 /// `{type}` parameter if the route has one.
 pub fn action(method: &Method, route: &str, rt: Option<&str>) -> Action {
+    // operations on Measures read or write summaries, whatever the method carries the parameters
+    if route.ends_with("/$evaluate-measure") {
+        return Action::Read("MeasureReport".into());
+    }
+    if route.ends_with("/$generate-reports") {
+        return Action::Write("MeasureReport".into());
+    }
     let read = matches!(*method, Method::GET | Method::HEAD) || route.ends_with("/_search");
     let rt = match rt {
         Some(t) => t.to_string(),

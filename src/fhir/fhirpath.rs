@@ -304,11 +304,11 @@ mod tests {
         )
         .unwrap();
         let r = serde_json::json!({"resourceType": "MeasureReport", "extension": [
-            {"url": "https://x.org/other", "valueCoding": {"code": "1"}},
-            {"url": "https://x.org/a.b", "valueCoding": {"code": "030"}}]});
+            {"url": "https://x.org/other", "valueString": "1"},
+            {"url": "https://x.org/a.b", "valueString": "030"}]});
         let found = p[0].evaluate(&r, &suffixes());
         assert_eq!(found.len(), 1);
-        assert_eq!(found[0]["code"], "030");
+        assert_eq!(found[0], "030");
     }
 
     #[test]

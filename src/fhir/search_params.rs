@@ -443,7 +443,9 @@ fn reference_values(node: &Value) -> Vec<IndexValue> {
         None => vec![],
     };
     let identifier = &node["identifier"];
-    if let (Some(system), Some(value)) = (identifier["system"].as_str(), identifier["value"].as_str()) {
+    if let (Some(system), Some(value)) =
+        (identifier["system"].as_str(), identifier["value"].as_str())
+    {
         out.push(text(Some(system), value));
     }
     out

@@ -318,8 +318,11 @@ pub trait Store: Send + Sync {
     /// The standing cases of a query, counted by everything a summary stratifies by.
     async fn register_counts(&self, q: &RegisterQuery) -> StoreResult<Vec<(RegisterGroup, i64)>>;
     /// The standing cases of a query, one by one (at most `limit`).
-    async fn register_cases(&self, q: &RegisterQuery, limit: i64)
-    -> StoreResult<Vec<RegisteredCase>>;
+    async fn register_cases(
+        &self,
+        q: &RegisterQuery,
+        limit: i64,
+    ) -> StoreResult<Vec<RegisteredCase>>;
 
     /// Wait until everything committed so far is durable (SQLite makes a commit visible a moment
     /// before its log sync; PostgreSQL only after). Whatever is sent out waits for this.

@@ -12,9 +12,9 @@ use sqlx::{AssertSqlSafe, Row};
 use super::backend::index_rows;
 use super::query::{Bind, COLUMNS, SearchQuery, Sql, param_filter};
 use super::{
-    Area, CaseKey, CaseRow, DeliveryState, RegisterGroup, RegisterQuery, RegisteredCase, EventRow, HistoryQuery, Hooks, IsolateState, NewVersion, Note,
-    SearchPage, SharedStore, Store, StoreError, StoreResult, StoreTx, StoredResource,
-    SubscriptionRow, Touched, hooks::run_before_commit,
+    Area, CaseKey, CaseRow, DeliveryState, EventRow, HistoryQuery, Hooks, IsolateState, NewVersion,
+    Note, RegisterGroup, RegisterQuery, RegisteredCase, SearchPage, SharedStore, Store, StoreError,
+    StoreResult, StoreTx, StoredResource, SubscriptionRow, Touched, hooks::run_before_commit,
 };
 
 /// Open the database named by a URL (`sqlite://PATH`, `postgres://…`) and run its migrations.
@@ -97,8 +97,7 @@ fn register_filter(q: &RegisterQuery) -> (String, Vec<Bind>) {
     (text, binds)
 }
 
-const REGISTER_COLUMNS: &str =
-    "case_id, family, category, disease, code, day, age, sex, comune, province, asl, region, active, refs";
+const REGISTER_COLUMNS: &str = "case_id, family, category, disease, code, day, age, sex, comune, province, asl, region, active, refs";
 
 /// `$writer` hands out write transactions (`$begin`) held as `$conn` (which derefs to the driver's
 /// connection) and finished by `$commit`.

@@ -469,7 +469,12 @@ impl Engine {
     /// Record the case as the periodic summaries count it: on the Italian day of its reference
     /// date, in the treating facility's ASL and region (who reports it), the province and age band
     /// from the patient.
-    async fn register(&self, reader: &mut Reader<'_>, case_id: &str, f: &Finding) -> StoreResult<()> {
+    async fn register(
+        &self,
+        reader: &mut Reader<'_>,
+        case_id: &str,
+        f: &Finding,
+    ) -> StoreResult<()> {
         let Some(day) = register::rome_day_of_micros(f.date.micros) else {
             return Ok(());
         };

@@ -140,7 +140,8 @@ mod tests {
         // 23:30 UTC on 31 January is 00:30 on 1 February in Rome
         let t = crate::surveillance::calendar::italian_instant("2026-01-31T23:30:00Z").unwrap();
         assert_eq!(rome_day_of_micros(t), Some(20260201));
-        let t = crate::surveillance::calendar::italian_instant("2026-01-31T23:30:00+01:00").unwrap();
+        let t =
+            crate::surveillance::calendar::italian_instant("2026-01-31T23:30:00+01:00").unwrap();
         assert_eq!(rome_day_of_micros(t), Some(20260131));
     }
 }
