@@ -2562,3 +2562,59 @@ on_both_databases_with! {
         assert_eq!(got[3..].iter().cloned().collect::<BTreeSet<_>>(), BTreeSet::from([asl.clone(), bis.clone()]), "{got:?}");
     }
 }
+
+/// A comune of a region whose ASLs are not in the map (Torino, Piemonte 010).
+const TORINO: Place = Place {
+    comune: "001272",
+    name: "Torino",
+    cap: "10121",
+    asl: "",
+    asl_name: "",
+    province: "001",
+    region: "010",
+};
+
+on_both_databases! {
+    async fn a_resident_of_another_region_never_counts_in_the_notifying_asl(app) {
+        // a Torino resident notified by ATS Milano: Piemonte's case, not the ATS's nor Lombardia's
+        let day = date!(2026 - 04 - 14);
+        let mut cases = vec![dm("torino-mi", 1, "055.9", day).lives_in(TORINO).notified_by(MILANO).born(Some(date!(1990 - 01 - 01)))];
+        post_all(&app, &mut cases).await;
+        let (start, end) = (date!(2026 - 04 - 01), date!(2026 - 04 - 30));
+        let piemonte = evaluate(&app, &MODELLO_16_BIS, start, end, Some(("regione", "010"))).await;
+        assert_eq!(group_count(&piemonte), 1, "{piemonte:#}");
+        let ats = evaluate(&app, &MODELLO_16, start, end, Some(("asl", MILANO.asl))).await;
+        assert_eq!(group_count(&ats), 0, "{ats:#}");
+        let lombardia = evaluate(&app, &MODELLO_16_BIS, start, end, Some(("regione", "030"))).await;
+        assert_eq!(group_count(&lombardia), 0, "{lombardia:#}");
+    }
+
+    async fn a_corrected_patient_moves_a_cre_case_to_its_new_age_band_and_sex(app) {
+        let day = date!(2026 - 03 - 10);
+        let mut c = cre("kpn-corretto", 1, Species::Kpn, NIGUARDA, day).born(Some(date!(1950 - 05 - 05)));
+        post_case(&app, &mut c).await;
+        let (start, end) = (date!(2026 - 03 - 01), date!(2026 - 03 - 31));
+        let lombardia = Some(("regione", "030"));
+        let s = |band: &str, sex: &str| vec!["041.3".to_string(), band.to_string(), sex.to_string()];
+        let before = evaluate(&app, &CRE_MENSILE, start, end, lombardia).await;
+        assert_eq!(strata_of(&before, &CRE_MENSILE), Counts::from([(s("65+", c.sex()), 1)]), "{before:#}");
+        // the laboratory corrects the patient's birth date and sex: the case is the same one,
+        // counted in its new band and sex
+        correct_as(&app, None, &c.patient.clone(), |p| {
+            p["birthDate"] = json!("1990-05-05");
+            p["gender"] = json!("female");
+        })
+        .await;
+        let after = evaluate(&app, &CRE_MENSILE, start, end, lombardia).await;
+        assert_eq!(strata_of(&after, &CRE_MENSILE), Counts::from([(s("25-64", "female"), 1)]), "{after:#}");
+    }
+
+    async fn identifier_search_on_a_narrowed_reference_parameter_is_refused(app) {
+        // `patient` is the Patient subset of `subject`: an identifier has no type to tell it by
+        let r = app.get("/fhir/Observation?patient:identifier=http://hl7.it/sid/codiceFiscale|X").await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+        assert_eq!(r.body["resourceType"], "OperationOutcome");
+        let r = app.get("/fhir/MeasureReport?reporter:identifier=https://sentinella-fhir.github.io/ig/sid/regione").await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "a system without a value: {}", r.text);
+    }
+}

@@ -23,10 +23,15 @@ CREATE TABLE case_register (
     active BOOLEAN NOT NULL,
     -- what a reader opens to see the case: its notification, or (class V) its reports
     refs TEXT NOT NULL,
+    -- the day before the last change that moved the case (its old period is recomputed too)
+    previous_day INTEGER,
     updated_at BIGINT NOT NULL
 );
 
-CREATE INDEX case_register_by_region ON case_register (region, day);
-CREATE INDEX case_register_by_asl ON case_register (asl, day);
-CREATE INDEX case_register_by_province ON case_register (province, day);
-CREATE INDEX case_register_by_day ON case_register (day);
+-- a summary asks for its categories in one area and period: each probe is one index range
+CREATE INDEX case_register_by_region ON case_register (region, category, day);
+CREATE INDEX case_register_by_asl ON case_register (asl, category, day);
+CREATE INDEX case_register_by_province ON case_register (province, category, day);
+CREATE INDEX case_register_by_category ON case_register (category, day);
+-- the stored summaries are recomputed for the periods whose cases changed since the last run
+CREATE INDEX case_register_by_update ON case_register (updated_at);

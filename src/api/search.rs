@@ -317,6 +317,18 @@ fn parse_condition(
             missing,
         });
     }
+    // a parameter stored under a wider one (`patient` under `subject`) is told apart by its
+    // references' type, which an identifier does not have
+    if modifier == Some("identifier")
+        && let Some(t) = defs.search.stored_as(rt, name).reference_type
+    {
+        return Err(bad(
+            &key,
+            format!(
+                "{key} is not supported: {name} is the {t} subset of another reference parameter; search that one by :identifier"
+            ),
+        ));
+    }
     let mut negate = false;
     let mut any_of = Vec::new();
     for v in &values {

@@ -208,9 +208,13 @@ fn value_of(d: &Dimension, g: &RegisterGroup) -> Value3 {
             t.display(system, code).map(String::from),
         )
     };
-    let place = |kind: &str, code: Option<&str>| match code {
-        Some(c) => coded(&format!("{CANON}/CodeSystem/{kind}"), c),
-        None => (ABSENT.into(), "unknown".into(), Some("Unknown".into())),
+    // a place the CodeSystem does not know (a comune of an unknown province) is not a stratum code
+    let place = |kind: &str, code: Option<&str>| {
+        let system = format!("{CANON}/CodeSystem/{kind}");
+        match code.filter(|c| t.display(&system, c).is_some()) {
+            Some(c) => coded(&system, c),
+            None => (ABSENT.into(), "unknown".into(), Some("Unknown".into())),
+        }
     };
     match d {
         Dimension::Disease | Dimension::Species => coded(ICD9CM, &g.disease),
@@ -247,9 +251,16 @@ pub async fn evaluate(
     detail: Detail,
 ) -> Result<Value, MeasureError> {
     let (from_day, to_day) = period.days();
+    let mut categories: Vec<String> = m.terms.iter().map(|t| t.category.clone()).collect();
+    categories.sort();
+    categories.dedup();
     let q = RegisterQuery {
         family: m.family.clone(),
+        categories,
         area: subject.map_or(Area::Country, |s| s.area.clone()),
+        within_region: subject
+            .filter(|s| !matches!(s.area, Area::Region(_)))
+            .and_then(|s| s.region.clone()),
         from_day,
         to_day,
     };
@@ -292,11 +303,15 @@ pub async fn evaluate(
                     asl: c.asl,
                     region: c.region,
                 });
+                // one entry per case: its notification, or (class V) its first report
+                let Some(first) = c.refs.into_iter().next() else {
+                    continue;
+                };
                 strata.total += 1;
-                strata.total_refs.extend(c.refs.iter().cloned());
+                strata.total_refs.push(first.clone());
                 let entry = strata.by_key.entry(key).or_default();
                 entry.0 += 1;
-                entry.1.extend(c.refs);
+                entry.1.push(first);
             }
         }
     }
@@ -314,15 +329,25 @@ fn population(count: i64, list: Option<&str>) -> Value {
     p
 }
 
+/// A contained List of cases, one entry each (an empty one says so: FHIR has no empty arrays).
 fn case_list(id: &str, title: String, refs: &[String]) -> Value {
-    json!({
+    let mut list = json!({
         "resourceType": "List",
         "id": id,
         "status": "current",
         "mode": "snapshot",
         "title": title,
-        "entry": refs.iter().map(|r| json!({"item": {"reference": r}})).collect::<Vec<_>>()
-    })
+    });
+    if refs.is_empty() {
+        list["emptyReason"] = json!({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/list-empty-reason", "code": "nilknown"}]});
+    } else {
+        list["entry"] = json!(
+            refs.iter()
+                .map(|r| json!({"item": {"reference": r}}))
+                .collect::<Vec<_>>()
+        );
+    }
+    list
 }
 
 fn coding(v: &Value3) -> Value {

@@ -144,6 +144,7 @@ pub async fn generate(
         return Ok(Generated::default());
     };
     // computed before the transaction: reads only, outside the writer's critical section
+    let computed_at = now_micros();
     let mut reports = Vec::new();
     for m in measures()
         .iter()
@@ -173,7 +174,13 @@ pub async fn generate(
             .filter(|c| !c.deleted)
             .and_then(|c| c.body.as_deref())
             .and_then(|b| serde_json::from_str(b).ok());
-        if old.as_ref().is_some_and(|o| content(o) == content(&body)) {
+        // the same counts, or counts another run computed after this one started (a run that
+        // read the register before a correction must not overwrite one that read it after)
+        if old.as_ref().is_some_and(|o| content(o) == content(&body))
+            || current
+                .as_ref()
+                .is_some_and(|c| c.last_updated >= computed_at)
+        {
             done.unchanged += 1;
             continue;
         }
@@ -208,13 +215,64 @@ pub async fn generate(
     Ok(done)
 }
 
-/// Store the reports of the month and the year that ended last, now and every `every`, for as
-/// long as the process runs (a restart or a second process only finds them stored).
+/// How far back the first run looks for changed cases: further than any gap between two runs of
+/// a server that was up (a case changes only through a running server).
+const FIRST_LOOK_BACK_US: i64 = 35 * 86_400_000_000;
+/// Runs overlap by this much, so that a change committed while a run started is not missed.
+const OVERLAP_US: i64 = 10 * 60_000_000;
+
+/// The periods a run stores: the month and the year that ended last, and every ended month (and
+/// its year) whose cases changed since `since` (µs): a late notification (tuberculosis after its
+/// cultures) or a corrected onset changes an old report.
+pub async fn due_periods(
+    store: &SharedStore,
+    now: i64,
+    since: i64,
+) -> Result<Vec<Due>, MeasureError> {
+    let (month, year) = Due::last_ended(now);
+    let (Due::Month(ly, lm), Due::Year(last_year)) = (month, year) else {
+        return Ok(vec![month, year]);
+    };
+    // (year, month or 0 for the whole year)
+    let mut dues = std::collections::BTreeSet::from([(ly, lm), (last_year, 0)]);
+    for ym in store.register_months_changed(since).await? {
+        let (y, m) = ((ym / 100) as i16, (ym % 100) as i8);
+        if (y, m) <= (ly, lm) {
+            dues.insert((y, m));
+        }
+        if y <= last_year {
+            dues.insert((y, 0));
+        }
+    }
+    Ok(dues
+        .into_iter()
+        .map(|(y, m)| {
+            if m == 0 {
+                Due::Year(y)
+            } else {
+                Due::Month(y, m)
+            }
+        })
+        .collect())
+}
+
+/// Store the reports of the periods due, now and every `every`, for as long as the process runs
+/// (a restart or a second process only finds them stored).
 pub fn spawn_schedule(store: SharedStore, dispatcher: std::sync::Arc<Dispatcher>, every: Duration) {
     tokio::spawn(async move {
+        let mut since = now_micros() - FIRST_LOOK_BACK_US;
         loop {
-            let (month, year) = Due::last_ended(now_micros());
-            for due in [month, year] {
+            let started = now_micros();
+            let mut all_stored = true;
+            let dues = due_periods(&store, started, since)
+                .await
+                .unwrap_or_else(|e| {
+                    all_stored = false;
+                    tracing::warn!(error = %e, "periodic summaries: changed periods not read");
+                    let (month, year) = Due::last_ended(started);
+                    vec![month, year]
+                });
+            for due in dues {
                 match generate(&store, &dispatcher, due).await {
                     Ok(g) if g.created + g.updated > 0 => tracing::info!(
                         period = %due.label(),
@@ -224,9 +282,14 @@ pub fn spawn_schedule(store: SharedStore, dispatcher: std::sync::Arc<Dispatcher>
                     ),
                     Ok(_) => {}
                     Err(e) => {
-                        tracing::warn!(period = %due.label(), error = %e, "periodic summaries not stored; retried at the next run")
+                        all_stored = false;
+                        tracing::warn!(period = %due.label(), error = %e, "periodic summaries not stored; retried at the next run");
                     }
                 }
+            }
+            // after a failure the same changes are looked for again
+            if all_stored {
+                since = started - OVERLAP_US;
             }
             tokio::time::sleep(every).await;
         }
@@ -244,6 +307,66 @@ mod tests {
         assert_eq!(Due::last_ended(t), (Due::Month(2026, 1), Due::Year(2025)));
         let t = crate::surveillance::calendar::italian_instant("2026-01-31T22:30:00Z").unwrap();
         assert_eq!(Due::last_ended(t), (Due::Month(2025, 12), Due::Year(2025)));
+    }
+
+    #[tokio::test]
+    async fn a_late_or_moved_case_makes_its_old_periods_due_again() {
+        let path = std::env::temp_dir().join(format!(
+            "sentinella-due-{}.db",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let store = crate::store::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        let case = |day| crate::store::RegisteredCase {
+            case_id: "tb-1".into(),
+            family: "dm-1990".into(),
+            category: "classe-3".into(),
+            disease: "010-018".into(),
+            code: "011.93".into(),
+            day,
+            age: Some(40),
+            sex: "female".into(),
+            comune: None,
+            province: None,
+            asl: Some("030321".into()),
+            region: Some("030".into()),
+            active: true,
+            refs: vec!["Communication/tb-1".into()],
+        };
+        let now = crate::surveillance::calendar::italian_instant("2026-12-03T10:00:00Z").unwrap();
+        let before = now_micros();
+        // a tuberculosis case with onset in March 2025, notified now (its cultures took months)
+        let mut tx = store.begin().await.unwrap();
+        tx.register_case(&case(20250310)).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(
+            due_periods(&store, now, before).await.unwrap(),
+            [Due::Year(2025), Due::Month(2025, 3), Due::Month(2026, 11)]
+        );
+        // its onset corrected to February 2026: both months are due, the old one too
+        let before = now_micros();
+        let mut tx = store.begin().await.unwrap();
+        tx.register_case(&case(20260214)).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(
+            due_periods(&store, now, before).await.unwrap(),
+            [
+                Due::Year(2025),
+                Due::Month(2025, 3),
+                Due::Month(2026, 2),
+                Due::Month(2026, 11)
+            ]
+        );
+        // nothing changed since: the last ended month and year only
+        assert_eq!(
+            due_periods(&store, now, now_micros()).await.unwrap(),
+            [Due::Year(2025), Due::Month(2026, 11)]
+        );
+        drop(store);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
     }
 
     #[test]

@@ -197,11 +197,15 @@ pub enum Area {
     Country,
 }
 
-/// The standing cases of a family in an area whose day is in `[from_day, to_day]`.
+/// The standing cases of a family and some of its categories in an area whose day is in
+/// `[from_day, to_day]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RegisterQuery {
     pub family: String,
+    pub categories: Vec<String>,
     pub area: Area,
+    /// Only cases counted in this region too (an ASL's or a province's cases are its region's).
+    pub within_region: Option<String>,
     pub from_day: i32,
     pub to_day: i32,
 }
@@ -317,6 +321,8 @@ pub trait Store: Send + Sync {
     async fn subscriptions_due(&self, now: i64) -> StoreResult<bool>;
     /// The standing cases of a query, counted by everything a summary stratifies by.
     async fn register_counts(&self, q: &RegisterQuery) -> StoreResult<Vec<(RegisterGroup, i64)>>;
+    /// The months (`yyyymm`) a case was counted in, or moved out of, by a change after `since` (µs).
+    async fn register_months_changed(&self, since: i64) -> StoreResult<Vec<i32>>;
     /// The standing cases of a query, one by one (at most `limit`).
     async fn register_cases(
         &self,

@@ -235,9 +235,10 @@ fn match_sql(m: &Match, sql: &mut Sql) -> String {
             }
         }
         Match::System(sys) => format!("s.system = {}", sql.bind(Bind::Text(sys.clone()))),
+        // a reference's own entries, not its identifier's (which have a system)
         Match::AnyTypeId(id) => {
             format!(
-                "s.value LIKE {} ESCAPE '\\'",
+                "(s.system IS NULL AND s.value LIKE {} ESCAPE '\\')",
                 sql.bind(Bind::Text(format!("%/{}", like_escape(id))))
             )
         }
@@ -288,7 +289,10 @@ impl Condition {
                                 }
                         }
                         Match::System(sys) => system.as_deref() == Some(sys),
-                        Match::AnyTypeId(i) => value.rsplit('/').next() == Some(i),
+                        Match::AnyTypeId(i) => {
+                            system.is_none()
+                                && value.rsplit_once('/').is_some_and(|(_, id)| id == i)
+                        }
                         Match::StartsWith(v) => value.starts_with(v.as_str()),
                         Match::Contains(v) => value.contains(v.as_str()),
                         Match::Date(..) => false,

@@ -69,8 +69,8 @@ fn state_value(text: &str) -> StoreResult<serde_json::Value> {
     serde_json::from_str(text).map_err(|e| StoreError::Rule(format!("rule state is not JSON: {e}")))
 }
 
-/// The WHERE clause of a register query (binds `$1` area code unless the country, then the days,
-/// then the family), and its binds.
+/// The WHERE clause of a register query (binds: the area's code unless the country, the
+/// categories, the days, the family), and its binds.
 fn register_filter(q: &RegisterQuery) -> (String, Vec<Bind>) {
     let (column, code) = match &q.area {
         Area::Asl(c) => ("asl", Some(c)),
@@ -84,12 +84,26 @@ fn register_filter(q: &RegisterQuery) -> (String, Vec<Bind>) {
         binds.push(Bind::Text(code.clone()));
         text.push_str(&format!("{column} = $1 AND "));
     }
+    if let Some(region) = &q.within_region {
+        binds.push(Bind::Text(region.clone()));
+        text.push_str(&format!("region = ${} AND ", binds.len()));
+    }
+    let mut marks = Vec::new();
+    for c in &q.categories {
+        binds.push(Bind::Text(c.clone()));
+        marks.push(format!("${}", binds.len()));
+    }
+    if marks.is_empty() {
+        // no category asked: nothing matches (an empty IN list is not valid SQL)
+        marks.push("NULL".into());
+    }
     let n = binds.len();
     binds.push(Bind::Int(q.from_day as i64));
     binds.push(Bind::Int(q.to_day as i64));
     binds.push(Bind::Text(q.family.clone()));
     text.push_str(&format!(
-        "day BETWEEN ${} AND ${} AND family = ${} AND active",
+        "category IN ({}) AND day BETWEEN ${} AND ${} AND family = ${} AND active",
+        marks.join(", "),
         n + 1,
         n + 2,
         n + 3
@@ -512,6 +526,17 @@ macro_rules! sql_backend {
                             ))
                         })
                         .collect()
+                }
+
+                async fn register_months_changed(&self, since: i64) -> StoreResult<Vec<i32>> {
+                    let rows = sqlx::query(
+                        "SELECT day / 100 FROM case_register WHERE updated_at > $1 \
+                         UNION SELECT previous_day / 100 FROM case_register WHERE updated_at > $1 AND previous_day IS NOT NULL",
+                    )
+                    .bind(since)
+                    .fetch_all(&self.read)
+                    .await?;
+                    rows.iter().map(|r| Ok(r.try_get::<i32, _>(0)?)).collect()
                 }
 
                 async fn register_cases(&self, q: &RegisterQuery, limit: i64) -> StoreResult<Vec<RegisteredCase>> {
@@ -1063,7 +1088,8 @@ macro_rules! sql_backend {
                          ON CONFLICT (case_id) DO UPDATE SET family = excluded.family, category = excluded.category, \
                          disease = excluded.disease, code = excluded.code, day = excluded.day, age = excluded.age, sex = excluded.sex, \
                          comune = excluded.comune, province = excluded.province, asl = excluded.asl, region = excluded.region, \
-                         active = excluded.active, refs = excluded.refs, updated_at = excluded.updated_at",
+                         active = excluded.active, refs = excluded.refs, updated_at = excluded.updated_at, \
+                         previous_day = CASE WHEN case_register.day <> excluded.day THEN case_register.day ELSE case_register.previous_day END",
                     )
                     .bind(&c.case_id)
                     .bind(&c.family)

@@ -303,7 +303,14 @@ impl Engine {
             return true;
         };
         match w.resource_type.as_str() {
-            "Patient" => evaluate::identity(&w.id, new).0 != evaluate::identity(&w.id, old).0,
+            // the identity decides the case; birth date, sex and residence what the summaries count
+            "Patient" => {
+                evaluate::identity(&w.id, new).0 != evaluate::identity(&w.id, old).0
+                    || new["birthDate"] != old["birthDate"]
+                    || new["gender"] != old["gender"]
+                    || crate::italy::places::residence_comune(new)
+                        != crate::italy::places::residence_comune(old)
+            }
             "Encounter" => new["serviceProvider"] != old["serviceProvider"],
             "Organization" => {
                 new["partOf"] != old["partOf"]

@@ -63,8 +63,10 @@ pub struct CaseArea {
 
 impl CaseArea {
     /// The residence comune's province, ASL and region; an ASL the comune does not give (no map,
-    /// no residence) is `fallback_asl`, and the region then follows that ASL (NSIS ASL codes start
-    /// with their region's code).
+    /// no residence) is `fallback_asl` when that ASL lies in the region of residence (NSIS ASL codes
+    /// start with their region's code), or when the region of residence is not known either (the
+    /// region then follows that ASL). A resident of another region is never counted in an ASL of
+    /// the region that notified it.
     pub fn of(comune: Option<&str>, fallback_asl: Option<&str>) -> CaseArea {
         let place = comune.and_then(place_of_comune);
         let mut area = CaseArea {
@@ -76,9 +78,10 @@ impl CaseArea {
         if area.asl.is_none()
             && let Some(a) = fallback_asl
         {
-            area.asl = Some(a.to_string());
-            if area.region.is_none() {
-                area.region = a.get(..3).map(String::from);
+            let asl_region = a.get(..3).map(String::from);
+            if area.region.is_none() || area.region == asl_region {
+                area.asl = Some(a.to_string());
+                area.region = area.region.or(asl_region);
             }
         }
         area
@@ -124,6 +127,20 @@ impl CaseFacts<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_notifying_asl_stands_in_only_within_the_region_of_residence() {
+        // Torino (province 001, Piemonte 010) has no ASL in the map: a Lombard ATS does not take it
+        let torino = CaseArea::of(Some("001272"), Some("030321"));
+        assert_eq!(torino.region.as_deref(), Some("010"));
+        assert_eq!(torino.asl, None);
+        // no residence at all: the notifying ASL and its region
+        let nowhere = CaseArea::of(None, Some("030321"));
+        assert_eq!(
+            (nowhere.asl.as_deref(), nowhere.region.as_deref()),
+            (Some("030321"), Some("030"))
+        );
+    }
 
     #[test]
     fn ages_are_completed_years_capped_as_modello_15_records_them() {

@@ -202,6 +202,8 @@ pub async fn refresh_case(
     };
     let set = engine.set_of(first.rule_set.as_deref());
     let Some((class, disease)) = class_of(set, first) else {
+        // no longer a class of its rule set: nothing to count it in
+        reader.tx.register_set_active(&case.case_id, false).await?;
         return Ok(vec![]);
     };
     register(reader.tx, &case, class, disease, &active).await?;
@@ -250,6 +252,10 @@ async fn register(
     } else {
         vec![format!("Communication/{}", case.case_id)]
     };
+    // the patient as the first report that says it (reports remembered before the summaries
+    // existed carry no birth date or sex)
+    let birth_date = reports.iter().find_map(|r| r.birth_date.as_deref());
+    let sex = reports.iter().find_map(|r| r.sex.clone());
     let facts = CaseFacts {
         case_id: &case.case_id,
         family: super::STATE,
@@ -257,8 +263,8 @@ async fn register(
         disease: first.disease.as_deref().unwrap_or(&disease.code),
         code: first.code.as_deref().unwrap_or(&disease.code),
         day,
-        birth_date: first.birth_date.as_deref(),
-        sex: first.sex.clone().unwrap_or_else(|| "unknown".into()),
+        birth_date,
+        sex: sex.unwrap_or_else(|| "unknown".into()),
         area: CaseArea::of(
             first.comune.as_deref(),
             first.notifying_asl.as_ref().map(|a| a.0.as_str()),
