@@ -144,7 +144,7 @@ fn case(
         category: category.into(),
         disease: disease.into(),
         code: code.into(),
-        day: day as i32,
+        day,
         age: Some(rng.random_range(0..=100).min(99)),
         sex: if rng.random_bool(0.5) {
             "male"
