@@ -18,7 +18,9 @@
 //! count, which is checked against the seeded cases (an independent count kept while seeding).
 //!
 //! SQLite by default (a temporary file, removed at the end unless `SENTINELLA_MEASURES_KEEP=1`,
-//! which prints its path: `benches/wrk/measures.sh` serves it with the release binary);
+//! which prints its URL: serve it with the release binary and drive `$evaluate-measure` with wrk,
+//! e.g. `target/release/sentinella serve --database <URL> --summary-every-minutes 0` and
+//! `wrk -t2 -c16 -d30s --latency 'http://127.0.0.1:8080/fhir/Measure/modello-16-bis/$evaluate-measure?periodStart=2026-03&periodEnd=2026-03&subject=https://sentinella-fhir.github.io/ig/sid/regione|030'`);
 //! `SENTINELLA_BENCH_DATABASE=postgres://postgres@127.0.0.1:5432/<name>` measures PostgreSQL (the
 //! database is created if missing and dropped at the end unless kept). `SENTINELLA_BENCH_SEED`
 //! fixes the generated data (random by default, printed).

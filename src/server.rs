@@ -53,6 +53,8 @@ pub async fn build_app(config: Config) -> anyhow::Result<Router> {
         engine.clone(),
         dm1990.clone(),
     ]));
+    // cases decided before the case register existed are added to it once per database
+    crate::surveillance::backfill::spawn(store.clone(), dm1990.clone());
     let base = config
         .base_url
         .clone()

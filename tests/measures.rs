@@ -2618,3 +2618,94 @@ on_both_databases! {
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "a system without a value: {}", r.text);
     }
 }
+
+/// Make the database look as a server without the case register left it: no register rows, no
+/// backfill mark, and reports remembered without the patient's birth date and sex.
+async fn forget_the_register(app: &TestApp) {
+    use sqlx::{Connection, Row};
+    const READ: &str =
+        "SELECT key, value FROM rule_state WHERE rule_set = 'dm-1990' AND key LIKE 'report:%'";
+    const WRITE: &str = "UPDATE rule_state SET value = $1 WHERE rule_set = 'dm-1990' AND key = $2";
+    const CLEAR: [&str; 2] = [
+        "DELETE FROM case_register",
+        "DELETE FROM rule_state WHERE rule_set = 'case-register'",
+    ];
+    let strip = |v: String| {
+        let mut r: Value = serde_json::from_str(&v).unwrap();
+        let o = r.as_object_mut().unwrap();
+        o.remove("birth_date");
+        o.remove("sex");
+        r.to_string()
+    };
+    match &app.db {
+        common::Db::Sqlite(_) => {
+            let mut c = sqlx::SqliteConnection::connect(&app.database_url())
+                .await
+                .unwrap();
+            for q in CLEAR {
+                sqlx::query(q).execute(&mut c).await.unwrap();
+            }
+            for row in sqlx::query(READ).fetch_all(&mut c).await.unwrap() {
+                let (k, v): (String, String) = (row.get(0), row.get(1));
+                sqlx::query(WRITE)
+                    .bind(strip(v))
+                    .bind(k)
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
+            }
+        }
+        common::Db::Postgres(_) => {
+            let mut c = sqlx::PgConnection::connect(&app.database_url())
+                .await
+                .unwrap();
+            for q in CLEAR {
+                sqlx::query(q).execute(&mut c).await.unwrap();
+            }
+            for row in sqlx::query(READ).fetch_all(&mut c).await.unwrap() {
+                let (k, v): (String, String) = (row.get(0), row.get(1));
+                sqlx::query(WRITE)
+                    .bind(strip(v))
+                    .bind(k)
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+}
+
+on_both_databases! {
+    async fn cases_decided_before_the_register_existed_are_counted_after_an_upgrade(app) {
+        let day = date!(2026 - 02 - 09);
+        let born = Some(date!(2019 - 06 - 01));
+        let mut cases = vec![
+            dm("prima-1", 1, "055.9", day).born(born),
+            dm("prima-2", 2, "055.9", day).female().born(born).lives_in(BERGAMO),
+            dm("prima-v", 3, "088.81", day).born(born),
+            cre("prima-cre", 4, Species::Eco, NIGUARDA, day).born(born),
+        ];
+        post_all(&app, &mut cases).await;
+        forget_the_register(&app).await;
+        let (start, end) = (date!(2026 - 02 - 01), date!(2026 - 02 - 28));
+        let lombardia = Some(("regione", "030"));
+        let empty = evaluate(&app, &MODELLO_16_BIS, start, end, lombardia).await;
+        assert_eq!(group_count(&empty), 0, "the register was emptied: {empty:#}");
+        // the upgraded server starts: it fills the register from what the rules remember
+        let _upgraded = app.another_server().await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        for (m, from) in [(&MODELLO_16_BIS, start), (&CRE_MENSILE, start), (&CLASSE_5, date!(2026 - 01 - 01))] {
+            let to = if m.id == CLASSE_5.id { date!(2026 - 12 - 31) } else { end };
+            let want = expected(&cases, m, from, to, lombardia);
+            assert!(!want.is_empty(), "{}: the test seeds cases for it", m.id);
+            loop {
+                let r = evaluate(&app, m, from, to, lombardia).await;
+                if strata_of(&r, m) == want {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "{}: not backfilled: {r:#}", m.id);
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

@@ -382,6 +382,12 @@ pub trait StoreTx: Send {
     /// Insert a new active case unless one is already active for its key (then `false`). The unique
     /// index decides, so concurrent transactions and processes cannot both win.
     async fn cre_claim_case(&mut self, c: &CaseRow, created_at: i64) -> StoreResult<bool>;
+    /// Up to `limit` active CRE cases whose id sorts after `after`, in order.
+    async fn cre_active_cases_after(
+        &mut self,
+        after: &str,
+        limit: i64,
+    ) -> StoreResult<Vec<CaseRow>>;
     async fn cre_set_case(
         &mut self,
         case_id: &str,
@@ -471,6 +477,15 @@ pub trait StoreTx: Send {
         value: &serde_json::Value,
         tags: &[String],
     ) -> StoreResult<bool>;
+    /// Up to `limit` keys of a rule set that start with `prefix` and sort after `after`, in order
+    /// (a job walking every record in batches).
+    async fn state_keys_after(
+        &mut self,
+        rule_set: &str,
+        prefix: &str,
+        after: &str,
+        limit: i64,
+    ) -> StoreResult<Vec<String>>;
     /// Every record carrying `tag`, with its key.
     async fn state_tagged(
         &mut self,

@@ -82,7 +82,7 @@ impl Sql {
 
 pub const COLUMNS: &str = "r.resource_type, r.id, r.version_id, r.last_updated, r.deleted, r.body";
 
-fn like_escape(s: &str) -> String {
+pub(crate) fn like_escape(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('%', "\\%")
         .replace('_', "\\_")

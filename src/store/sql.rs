@@ -1069,6 +1069,28 @@ macro_rules! sql_backend {
                     Ok(done.rows_affected() == 1)
                 }
 
+                async fn cre_active_cases_after(&mut self, after: &str, limit: i64) -> StoreResult<Vec<CaseRow>> {
+                    self.flush().await?;
+                    let rows = sqlx::query(
+                        "SELECT case_id, identity, species, year, isolate_id FROM cre_cases \
+                         WHERE active AND case_id > $1 ORDER BY case_id LIMIT $2",
+                    )
+                    .bind(after)
+                    .bind(limit)
+                    .fetch_all(&mut *self.tx)
+                    .await?;
+                    rows.iter()
+                        .map(|r| {
+                            Ok(CaseRow {
+                                case_id: r.try_get(0)?,
+                                key: CaseKey { identity: r.try_get(1)?, species: r.try_get(2)?, year: r.try_get(3)? },
+                                isolate_id: r.try_get(4)?,
+                                active: true,
+                            })
+                        })
+                        .collect()
+                }
+
                 async fn cre_set_case(&mut self, case_id: &str, isolate_id: &str, active: bool) -> StoreResult<()> {
                     self.flush().await?;
                     sqlx::query("UPDATE cre_cases SET isolate_id = $2, active = $3 WHERE case_id = $1")
@@ -1164,6 +1186,23 @@ macro_rules! sql_backend {
                     }
                     self.state_tag(rule_set, key, tags, false).await?;
                     Ok(true)
+                }
+
+                async fn state_keys_after(&mut self, rule_set: &str, prefix: &str, after: &str, limit: i64) -> StoreResult<Vec<String>> {
+                    self.flush().await?;
+                    // in key order from `after` (the primary key), the prefix as a filter: the
+                    // databases' collations need not sort a prefix's keys together
+                    let rows = sqlx::query(
+                        "SELECT key FROM rule_state WHERE rule_set = $1 AND key > $2 AND key LIKE $3 ESCAPE '\\' ORDER BY key LIMIT $4",
+                    )
+                    .bind(rule_set)
+                    .bind(after)
+                    .bind(format!("{}%", crate::store::query::like_escape(prefix)))
+                    .bind(limit)
+                    .fetch_all(&mut *self.tx)
+                    .await?;
+                    let keys: Vec<String> = rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<_, _>>()?;
+                    Ok(keys.into_iter().filter(|k| k.starts_with(prefix)).collect())
                 }
 
                 async fn state_tagged(&mut self, rule_set: &str, tag: &str) -> StoreResult<Vec<(String, serde_json::Value)>> {

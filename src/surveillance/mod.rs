@@ -1,6 +1,7 @@
 //! Surveillance rules: after every write and before its commit, the CRE case definition is applied
 //! to what the write touched, and case notifications are created, updated or withdrawn in the same
 //! database transaction, so a 2xx means the case exists (or does not) durably.
+pub mod backfill;
 pub mod calendar;
 pub mod definition;
 pub mod dm1990;

@@ -381,7 +381,7 @@ fn ref_locks(touched: &[Touched]) -> Vec<String> {
 }
 
 /// `case:<identity>|<disease>|<episode>` → `<identity>|<disease>`
-fn group_of_key(key: &str) -> String {
+pub fn group_of_key(key: &str) -> String {
     let k = key.strip_prefix("case:").unwrap_or(key);
     k.rsplit_once('|').map_or(k, |(g, _)| g).to_string()
 }

@@ -228,7 +228,7 @@ pub async fn refresh_case(
 /// Record the case as the periodic summaries count it: counted on the Italian day of its first
 /// onset, where its first standing report's patient lives; opened through its notification, or
 /// (class V, never notified) through its reports.
-async fn register(
+pub async fn register(
     tx: &mut dyn StoreTx,
     case: &super::CaseRecord,
     class: &Class,
@@ -252,10 +252,21 @@ async fn register(
     } else {
         vec![format!("Communication/{}", case.case_id)]
     };
-    // the patient as the first report that says it (reports remembered before the summaries
-    // existed carry no birth date or sex)
-    let birth_date = reports.iter().find_map(|r| r.birth_date.as_deref());
-    let sex = reports.iter().find_map(|r| r.sex.clone());
+    // the patient as the first report that says it; reports remembered before the summaries
+    // existed carry no birth date or sex: then the Patient itself
+    let mut birth_date = reports.iter().find_map(|r| r.birth_date.clone());
+    let mut sex = reports.iter().find_map(|r| r.sex.clone());
+    if (birth_date.is_none() || sex.is_none())
+        && let Some(pid) = &first.patient_id
+        && let Some(p) = tx
+            .current("Patient", pid)
+            .await?
+            .and_then(|p| p.body)
+            .and_then(|b| serde_json::from_str::<Value>(&b).ok())
+    {
+        birth_date = birth_date.or_else(|| p["birthDate"].as_str().map(String::from));
+        sex = sex.or_else(|| p["gender"].as_str().map(String::from));
+    }
     let facts = CaseFacts {
         case_id: &case.case_id,
         family: super::STATE,
@@ -263,7 +274,7 @@ async fn register(
         disease: first.disease.as_deref().unwrap_or(&disease.code),
         code: first.code.as_deref().unwrap_or(&disease.code),
         day,
-        birth_date,
+        birth_date: birth_date.as_deref(),
         sex: sex.unwrap_or_else(|| "unknown".into()),
         area: CaseArea::of(
             first.comune.as_deref(),
