@@ -16,6 +16,9 @@
 //! class V annual summary for Lombardy (a year), Modello 16-bis for the whole country for March, and
 //! once the subject-list report for Lombardy for March. Reported: min, p50, p95, max, and the
 //! count, which is checked against the seeded cases (an independent count kept while seeding).
+//! Last, the stored reports of March are generated twice (`generate`, what the hourly run and
+//! `MeasureReport/$generate-reports` call): the first run creates them, the second finds them
+//! unchanged.
 //!
 //! SQLite by default (a temporary file, removed at the end unless `SENTINELLA_MEASURES_KEEP=1`,
 //! which prints its URL: serve it with the release binary and drive `$evaluate-measure` with wrk,
@@ -322,6 +325,23 @@ async fn main() -> Result<()> {
             eprintln!("{e:#}");
             failed = Some(e);
         }
+    }
+    // the stored reports of a month: every ASL's Modello 16, every region's 16-bis and CRE
+    let dispatcher = sentinella::subscriptions::dispatch::Dispatcher::new(
+        std::sync::Arc::new(sentinella::auth::Access::development()),
+        false,
+    );
+    let month = sentinella::measures::generate::Due::Month(2026, 3);
+    for run in ["first", "again"] {
+        let t = Instant::now();
+        let g = sentinella::measures::generate::generate(&store, &dispatcher, month).await?;
+        println!(
+            "\n$generate-reports 2026-03 ({run}): {} created, {} updated, {} unchanged in {:.0} ms",
+            g.created,
+            g.updated,
+            g.unchanged,
+            t.elapsed().as_secs_f64() * 1000.0
+        );
     }
     drop(store);
     if keep {
