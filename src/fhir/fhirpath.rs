@@ -68,7 +68,11 @@ fn parse_part(part: &str) -> Option<PathExpr> {
         None => (part, None),
     };
     let mut segments = split_dots(path).into_iter();
-    let resource_type = segments.next()?.to_string();
+    // a type name, not `Observation Condition` (two words the head check saw as `Observation`)
+    let resource_type = segments
+        .next()
+        .filter(|t| !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric()))?
+        .to_string();
     let mut steps = Vec::new();
     for seg in segments {
         if let Some(inner) = seg
@@ -309,6 +313,18 @@ mod tests {
         let found = p[0].evaluate(&r, &suffixes());
         assert_eq!(found.len(), 1);
         assert_eq!(found[0], "030");
+    }
+
+    #[test]
+    fn a_head_of_two_words_is_outside_the_subset() {
+        // found by the fhirpath fuzz target (fuzz/artifacts-found/fhirpath/crash-ca0bbadc…)
+        assert_eq!(
+            parse_for_type(
+                "Observation Condition.ode | Observation.code",
+                "Observation"
+            ),
+            Err("Observation Condition.ode".to_string())
+        );
     }
 
     #[test]
