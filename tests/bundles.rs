@@ -7,6 +7,17 @@ use sentinella::italy::codice_fiscale::CodiceFiscale;
 use serde_json::json;
 
 on_both_databases! {
+    async fn a_transaction_posted_to_the_base_with_a_trailing_slash_is_processed(app) {
+        // fhirpy and fhir-kit-client post Bundles to `{base}/`
+        let r = app.post("/fhir/", &fixture("antibiogram-transaction.json")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(r.body["type"], "transaction-response");
+        assert_eq!(app.count("Patient").await, 1);
+        let r = app.get("/fhir/").await;
+        assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{}", r.text);
+        assert_eq!(r.body["resourceType"], "OperationOutcome");
+    }
+
     async fn transaction_resolves_urn_uuid_references(app) {
         let r = app.post("/fhir", &fixture("antibiogram-transaction.json")).await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);

@@ -33,6 +33,16 @@ impl axum::extract::FromRequest<AppState> for OperationBody {
     }
 }
 
+/// Evaluations running at once, process-wide: a national year is seconds of database reads, and
+/// many of them at once would starve the writes; beyond, a short wait, then 503.
+const MAX_EVALUATIONS_AT_ONCE: usize = 4;
+const EVALUATION_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn evaluation_slots() -> &'static tokio::sync::Semaphore {
+    static SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    SLOTS.get_or_init(|| tokio::sync::Semaphore::new(MAX_EVALUATIONS_AT_ONCE))
+}
+
 /// The largest Parameters body an operation reads.
 const MAX_PARAMETERS_BYTES: usize = 64 * 1024;
 
@@ -247,6 +257,13 @@ async fn evaluate_with(
             caller.0.id
         )));
     }
+    let _slot = tokio::time::timeout(EVALUATION_WAIT, evaluation_slots().acquire())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .ok_or_else(|| {
+            ApiError::Unavailable("too many summaries are being computed: retry shortly".into())
+        })?;
     let report = evaluate(state.store.as_ref(), m, &period, subject.as_ref(), detail).await?;
     Ok(fhir_json(StatusCode::OK, &report))
 }

@@ -245,8 +245,22 @@ pub fn router(state: AppState) -> Router {
         ))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found);
+    // the base with a trailing slash, where fhirpy and fhir-kit-client post their Bundles: the
+    // same handler behind the same policy and audit (a nested "/" matches `/fhir` only)
+    let base_with_slash = Router::new()
+        .route("/fhir/", post(bundle::process))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit_trail::record,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            policy::authorize,
+        ))
+        .method_not_allowed_fallback(method_not_allowed);
     Router::new()
         .nest("/fhir", fhir)
+        .merge(base_with_slash)
         // SMART Backend Services: no bearer token needed here (see `authenticate`)
         .route(token::TOKEN_PATH, post(token::token))
         .route(
