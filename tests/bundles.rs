@@ -18,6 +18,18 @@ on_both_databases! {
         assert_eq!(r.body["resourceType"], "OperationOutcome");
     }
 
+    async fn a_fullurl_used_by_two_entries_is_400_and_stores_nothing(app) {
+        let mut b = fixture("antibiogram-transaction.json");
+        let first = b["entry"][0]["fullUrl"].clone();
+        b["entry"][1]["fullUrl"] = first;
+        let r = app.post("/fhir", &b).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+        assert_eq!(r.body["resourceType"], "OperationOutcome");
+        assert!(r.expressions().iter().any(|e| e == "Bundle.entry[1].fullUrl"), "{}", r.text);
+        assert_eq!(app.count("Patient").await, 0);
+        assert_eq!(app.count("Observation").await, 0);
+    }
+
     async fn transaction_resolves_urn_uuid_references(app) {
         let r = app.post("/fhir", &fixture("antibiogram-transaction.json")).await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);

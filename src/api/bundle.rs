@@ -221,6 +221,23 @@ fn validate_bundle(b: &Value) -> ApiResult<Vec<Entry>> {
         }
         entries.push(entry);
     }
+    // bdl-7: a fullUrl names one entry (two versions of one resource aside), else the references
+    // that use it could mean either
+    let mut seen: HashMap<(&str, Option<&str>), usize> = HashMap::new();
+    for (i, e) in raw.iter().enumerate() {
+        let Some(url) = e["fullUrl"].as_str() else {
+            continue;
+        };
+        let version = e["resource"]["meta"]["versionId"].as_str();
+        if let Some(first) = seen.insert((url, version), i) {
+            status.get_or_insert(StatusCode::BAD_REQUEST);
+            issues.push(Issue::error(
+                "invariant",
+                format!("fullUrl {url} is also the fullUrl of entry {first} (bdl-7: a fullUrl is unique in a Bundle)"),
+                Some(format!("Bundle.entry[{i}].fullUrl")),
+            ));
+        }
+    }
     match status {
         None => Ok(entries),
         Some(status) => Err(ApiError::Invalid { status, issues }),
