@@ -642,3 +642,43 @@ on_both_databases_with_tokens! {
         assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
     }
 }
+
+/// Token requests have a rate per client too (here 1/s, bursts of 2), counted before the
+/// assertion's signature is checked; another client is not held back.
+async fn token_requests_over_a_clients_rate_get_429(app: TestApp) {
+    let ask_as = |client: &'static str, key: &'static str, alg: Algorithm, kid: &'static str| {
+        let app = &app;
+        async move { ask(app, &assertion(client, key, alg, kid), "system/Patient.rs").await }
+    };
+    for _ in 0..2 {
+        let r = ask_as("lab-niguarda", "rsa-1", Algorithm::RS384, "niguarda-1").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    }
+    let r = ask_as("lab-niguarda", "rsa-1", Algorithm::RS384, "niguarda-1").await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text);
+    assert!(r.header("retry-after").is_some());
+    let other = ask_as("lab-sacco", "ec-p384", Algorithm::ES384, "sacco-384").await;
+    assert_eq!(other.status, StatusCode::OK, "{}", other.text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_requests_over_a_clients_rate_get_429_sqlite() {
+    let fx = Fixture::new().await;
+    let app = TestApp::sqlite_with(|c| {
+        fx.configure(c);
+        c.rate_limit_per_second = 1;
+    })
+    .await;
+    token_requests_over_a_clients_rate_get_429(app).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_requests_over_a_clients_rate_get_429_postgres() {
+    let fx = Fixture::new().await;
+    let app = TestApp::postgres_with(|c| {
+        fx.configure(c);
+        c.rate_limit_per_second = 1;
+    })
+    .await;
+    token_requests_over_a_clients_rate_get_429(app).await
+}

@@ -167,6 +167,26 @@ pub async fn token(State(state): State<AppState>, req: Request) -> Response {
     let Some(requested) = get("scope") else {
         return invalid_request("scope is missing (e.g. scope=system/Observation.cruds)");
     };
+    // each client's rate, before the signature is checked (the costly part): the client the
+    // assertion claims to be, when the access file knows it (so the buckets stay bounded)
+    if let Some(claimed) = claimed_client(assertion, get("client_id"))
+        && state.access.client(&claimed).is_some()
+        && let Err(wait) = state.rate_limits.check(&format!("token:{claimed}"))
+    {
+        let mut r = oauth_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "invalid_request",
+            format!(
+                "client '{claimed}' asked for tokens faster than its rate allows: retry after {wait} s"
+            ),
+        );
+        r.headers_mut().insert(
+            header::RETRY_AFTER,
+            axum::http::HeaderValue::from_str(&wait.max(1).to_string())
+                .expect("digits are a valid header"),
+        );
+        return r;
+    }
     let endpoint = token_endpoint(&state.config, &parts.headers);
     let client = match state
         .access
@@ -246,4 +266,19 @@ pub async fn smart_configuration(State(state): State<AppState>, headers: HeaderM
     );
     r.headers_mut().remove(header::PRAGMA);
     r
+}
+
+/// The client an assertion says it comes from (`client_id`, else its unverified `iss`): only a
+/// key for the rate limit, never trusted for anything else.
+fn claimed_client(assertion: &str, client_id: Option<&str>) -> Option<String> {
+    use base64::Engine as _;
+    if let Some(id) = client_id {
+        return Some(id.to_string());
+    }
+    let payload = assertion.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims["iss"].as_str().map(String::from)
 }
