@@ -9,6 +9,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod config;
+pub mod conformance;
 pub mod error;
 pub mod fhir;
 pub mod italy;

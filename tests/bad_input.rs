@@ -144,7 +144,7 @@ on_both_databases! {
         assert_outcome(&app.post("/fhir/Medication", &json!({"resourceType": "Medication"})).await, StatusCode::NOT_FOUND);
         assert_outcome(&app.get("/fhir/Patient/does-not-exist").await, StatusCode::NOT_FOUND);
         assert_outcome(&app.get("/nothing-here").await, StatusCode::NOT_FOUND);
-        assert_outcome(&app.request(Method::PATCH, "/fhir/Patient/1", &[], None).await, StatusCode::METHOD_NOT_ALLOWED);
+        assert_outcome(&app.request(Method::PATCH, "/fhir/Patient/1", &[], None).await, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     }
 }
 

@@ -86,7 +86,7 @@ on_both! {
             assert!(topics.contains(&format!("{CANON}/SubscriptionTopic/{t}").as_str()), "{topics:?}");
         }
         let ops: Vec<&str> = sub["operation"].as_array().unwrap().iter().filter_map(|o| o["name"].as_str()).collect();
-        assert_eq!(ops, vec!["status", "events"]);
+        assert_eq!(ops, vec!["validate", "status", "events"]);
         let comm = cs.body["rest"][0]["resource"].as_array().unwrap().iter().find(|r| r["type"] == "Communication").unwrap().clone();
         assert!(comm["searchParam"].as_array().unwrap().iter().any(|p| p["name"] == "region"));
     }

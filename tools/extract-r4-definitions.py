@@ -14,17 +14,28 @@ RESOURCES = ["Patient", "Practitioner", "PractitionerRole", "Organization", "Loc
              "Specimen", "Observation", "DiagnosticReport", "Condition", "Communication", "Provenance",
              "MeasureReport", "Subscription", "AuditEvent", "Bundle", "OperationOutcome", "Parameters"]
 SEARCH_TYPES = {"token", "reference", "date", "string", "uri"}
+# Types the server serves read-only from the repository (conformance resources, the CapabilityStatement):
+# their definitions are kept only for `_summary`/`_elements` (element names, cardinality, types and the
+# summary flag), without invariants or bindings. They are never validated (nobody writes them), and
+# their bindings would pull value sets into valuesets.json that nothing checks.
+SHAPE_ONLY = ["StructureDefinition", "ValueSet", "CodeSystem", "ConceptMap", "SearchParameter",
+              "OperationDefinition", "Basic", "CapabilityStatement"]
 
 med, asym, out = sys.argv[1], sys.argv[2], sys.argv[3]
 r4 = os.path.join(med, "dist", "fhir", "r4")
 os.makedirs(out, exist_ok=True)
 load = lambda name: json.load(open(os.path.join(r4, name)))
 
-def prune_element(el):
+def prune_element(el, shape_only=False):
     keep = {k: el[k] for k in ("id", "path", "min", "max", "contentReference") if k in el}
     if "type" in el:
         keep["type"] = [{"code": t["code"]} | ({"targetProfile": t["targetProfile"]} if "targetProfile" in t else {})
                         for t in el["type"]]
+    # the summary flag drives `_summary=true` (only `true` is written: absent means false, as in R4)
+    if el.get("isSummary"):
+        keep["isSummary"] = True
+    if shape_only:
+        return keep
     # invariants (ele-1 is checked by the walker itself; the rest by the FHIRPath subset it can run)
     cons = [{"key": c["key"], "severity": c["severity"], "human": c.get("human", ""), "expression": c["expression"]}
             for c in el.get("constraint", []) if c.get("expression") and c["key"] != "ele-1"]
@@ -41,7 +52,8 @@ for bundle in (load("profiles-types.json"), load("profiles-resources.json")):
         r = e["resource"]
         if r["resourceType"] != "StructureDefinition":
             continue
-        if r["kind"] == "resource" and r["id"] not in RESOURCES:
+        shape_only = r["kind"] == "resource" and r["id"] in SHAPE_ONLY
+        if r["kind"] == "resource" and r["id"] not in RESOURCES and not shape_only:
             continue
         if r.get("derivation") == "constraint":
             continue  # profiles of types (SimpleQuantity, …) are not needed
@@ -49,7 +61,7 @@ for bundle in (load("profiles-types.json"), load("profiles-resources.json")):
                     "version": r.get("version"), "name": r["name"], "status": r["status"], "kind": r["kind"],
                     "abstract": r["abstract"], "type": r["type"], "baseDefinition": r.get("baseDefinition"),
                     "derivation": r.get("derivation"),
-                    "snapshot": {"element": [prune_element(el) for el in r["snapshot"]["element"]]}})
+                    "snapshot": {"element": [prune_element(el, shape_only) for el in r["snapshot"]["element"]]}})
 
 value_sets = set()
 for sd in sds:

@@ -107,6 +107,7 @@ fn interaction(method: &Method, route: &str) -> Option<Interaction> {
         ("/{type}/{id}", true) => Interaction::Read,
         ("/{type}/{id}", false) => match *method {
             Method::DELETE => Interaction::Delete,
+            Method::PATCH => Interaction::Patch,
             _ => Interaction::Update,
         },
         ("/{type}/_history", true) => Interaction::HistoryType,

@@ -244,6 +244,58 @@ fn validate_bundle(b: &Value) -> ApiResult<Vec<Entry>> {
     }
 }
 
+/// What `$validate` reports for a Bundle: for a transaction or a batch, every check it would pass
+/// before writing (envelope, each entry's resource, bdl-7, the entry limit) and the warnings its
+/// entries would carry; for any other Bundle, the Bundle and its resources as resources.
+pub fn validation_issues(b: &Value) -> Vec<Issue> {
+    let entries = b["entry"].as_array().map_or(0, Vec::len);
+    if entries > MAX_BUNDLE_ENTRIES {
+        return vec![Issue::error(
+            "too-costly",
+            format!(
+                "the Bundle has {entries} entries; at most {MAX_BUNDLE_ENTRIES} are processed in one request: split it"
+            ),
+            Some("Bundle.entry".into()),
+        )];
+    }
+    match b["type"].as_str() {
+        Some("transaction" | "batch") => match validate_bundle(b) {
+            Ok(entries) => {
+                let mut out = Vec::new();
+                for (i, e) in entries.into_iter().enumerate() {
+                    if e.resource
+                        .as_ref()
+                        .is_some_and(crate::surveillance::is_case_notification)
+                    {
+                        out.push(Issue::error(
+                            "business-rule",
+                            "case notifications (profile notifica-caso) are written by the surveillance rules only",
+                            Some(format!("Bundle.entry[{i}].resource.meta.profile")),
+                        ));
+                    }
+                    out.extend(e.warnings.into_iter().map(|w| w.within_entry(i)));
+                }
+                out
+            }
+            Err(e) => e.issues(),
+        },
+        _ => {
+            let mut out = SchemaValidators::get().validate(b);
+            for (i, e) in b["entry"].as_array().into_iter().flatten().enumerate() {
+                let r = &e["resource"];
+                if r["resourceType"]
+                    .as_str()
+                    .is_some_and(crate::fhir::is_served)
+                    && let Err(err) = validate(r)
+                {
+                    out.extend(err.within_entry(i).issues());
+                }
+            }
+            out
+        }
+    }
+}
+
 struct Done {
     status: &'static str,
     written: Option<Written>,

@@ -1,22 +1,26 @@
-//! Single-resource interactions: create, read, vread, update, delete.
+//! Single-resource interactions: create, read, vread, update, delete. (PATCH is `patch.rs`, on the
+//! same write path as update.)
+use std::borrow::Cow;
+
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 
 use super::format::{BaseUrl, FhirBody, Prefer, negotiate};
 use super::interactions::{self, Written, parse_etag};
-use super::responses::resource_response;
+use super::responses::{parse_body, resource_response};
+use super::summary::Shape;
 use super::{AppState, Caller};
 use crate::error::{ApiError, ApiResult, Issue};
 use crate::fhir::resource::{is_valid_id, parse_json, resource_type, validate};
-use crate::store::Note;
+use crate::store::{Note, StoredResource};
 use crate::surveillance::local_codes;
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-fn if_match(headers: &HeaderMap) -> ApiResult<Option<i64>> {
+pub(super) fn if_match(headers: &HeaderMap) -> ApiResult<Option<i64>> {
     header(headers, "if-match").map(parse_etag).transpose()
 }
 
@@ -46,7 +50,11 @@ fn parse_and_validate(rt: &str, body: &[u8]) -> ApiResult<serde_json::Value> {
 /// The response to a write: 201 for a creation, 200 otherwise, with the body `Prefer` asks for;
 /// unmapped local codes are logged and, with `Prefer: return=OperationOutcome`, returned.
 /// The rules' receipts about the written resource join the warnings.
-fn with_notes(mut warnings: Vec<Issue>, notes: &[Note], written: &Written) -> Vec<Issue> {
+pub(super) fn with_notes(
+    mut warnings: Vec<Issue>,
+    notes: &[Note],
+    written: &Written,
+) -> Vec<Issue> {
     warnings.extend(
         notes
             .iter()
@@ -58,7 +66,7 @@ fn with_notes(mut warnings: Vec<Issue>, notes: &[Note], written: &Written) -> Ve
     warnings
 }
 
-fn write_response(
+pub(super) fn write_response(
     written: &Written,
     prefer: Prefer,
     base: &BaseUrl,
@@ -122,6 +130,7 @@ pub async fn read(
 ) -> ApiResult<Response> {
     negotiate(&headers, query.as_deref())?;
     super::require_type(&rt)?;
+    let shape = Shape::for_instance(&rt, query.as_deref())?;
     let stored = state
         .store
         .read(&rt, &id)
@@ -143,12 +152,27 @@ pub async fn read(
     }
     Ok(resource_response(
         StatusCode::OK,
-        &stored,
+        &*shaped(&stored, &shape)?,
         Prefer::default(),
         &base,
         false,
         &[],
     ))
+}
+
+/// A stored version in the shape `_summary` / `_elements` asked for (the stored text itself when
+/// whole: its decimals and key order are the sender's).
+fn shaped<'a>(stored: &'a StoredResource, shape: &Shape) -> ApiResult<Cow<'a, StoredResource>> {
+    if shape.is_full() || stored.body.is_none() {
+        return Ok(Cow::Borrowed(stored));
+    }
+    let body = shape.apply(&parse_body(stored)?);
+    let text = serde_json::to_string(&body)
+        .map_err(|e| ApiError::Internal(format!("a subset could not be written: {e}")))?;
+    Ok(Cow::Owned(StoredResource {
+        body: Some(text),
+        ..stored.clone()
+    }))
 }
 
 pub async fn vread(
@@ -161,6 +185,7 @@ pub async fn vread(
 ) -> ApiResult<Response> {
     negotiate(&headers, query.as_deref())?;
     super::require_type(&rt)?;
+    let shape = Shape::for_instance(&rt, query.as_deref())?;
     let v: i64 = vid
         .parse()
         .map_err(|_| ApiError::NotFound(format!("{rt}/{id}/_history/{vid}: no such version")))?;
@@ -177,7 +202,7 @@ pub async fn vread(
     }
     Ok(resource_response(
         StatusCode::OK,
-        &stored,
+        &*shaped(&stored, &shape)?,
         Prefer::default(),
         &base,
         false,
@@ -241,8 +266,11 @@ pub async fn delete(
     State(state): State<AppState>,
     caller: Caller,
     Path((rt, id)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
+    // an answer the client cannot take is refused before anything is changed
+    negotiate(&headers, query.as_deref())?;
     super::require_type(&rt)?;
     let expected = if_match(&headers)?;
     let st = state.clone();
@@ -277,6 +305,7 @@ pub async fn conditional_update(
     base: BaseUrl,
     FhirBody(body): FhirBody,
 ) -> ApiResult<Response> {
+    negotiate(&headers, query.as_deref())?;
     super::require_type(&rt)?;
     let q = query.unwrap_or_default();
     let mut resource = read_resource(&rt, body).await?;
@@ -325,7 +354,9 @@ pub async fn conditional_delete(
     caller: Caller,
     Path(rt): Path<String>,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
 ) -> ApiResult<Response> {
+    negotiate(&headers, query.as_deref())?;
     super::require_type(&rt)?;
     let q = query.unwrap_or_default();
     let st = state.clone();

@@ -25,8 +25,8 @@ pub fn raw_json(status: StatusCode, text: String) -> Response {
     resp
 }
 
-/// The media type without parameters; an unencoded `+` in `_format` arrives as a space.
-fn mime(m: &str) -> String {
+/// The media type without parameters, lower case; an unencoded `+` in `_format` arrives as a space.
+pub fn mime(m: &str) -> String {
     m.split(';')
         .next()
         .unwrap_or("")
@@ -57,39 +57,74 @@ pub enum Format {
     Xml,
 }
 
-/// What the client wants back: `_format` wins over `Accept`; JSON unless XML is preferred.
-pub fn wanted_format(headers: &HeaderMap, query: Option<&str>) -> Result<Format, ApiError> {
-    let format = query.and_then(|q| {
-        form_urlencoded::parse(q.as_bytes())
+impl Format {
+    /// The `_format` value that names this format in links the server writes (`self`, `next`).
+    pub fn param(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Xml => "xml",
+        }
+    }
+}
+
+/// The format a `_format` value names: `json`, `xml` and the JSON and XML media types R4 lists
+/// (`application/fhir+json`, `application/json`, `application/fhir+xml`, `application/xml`,
+/// `text/xml`, and the DSTU2 `application/json+fhir` / `application/xml+fhir`), in any case, with
+/// or without parameters.
+pub fn format_param(value: &str) -> Result<Format, ApiError> {
+    if is_json_mime(value) {
+        Ok(Format::Json)
+    } else if is_xml_mime(value) {
+        Ok(Format::Xml)
+    } else {
+        Err(ApiError::NotAcceptable(format!(
+            "_format={value} is not supported: use json or xml (or application/fhir+json, application/fhir+xml)"
+        )))
+    }
+}
+
+/// The `_format` of a query, if it has one (the first one: every reader of `_format` uses this).
+pub fn format_in_query(query: Option<&str>) -> Option<String> {
+    query.and_then(|q| {
+        form_urlencoded::parse(q.trim_start_matches('?').as_bytes())
             .find(|(k, _)| k == "_format")
             .map(|(_, v)| v.into_owned())
-    });
-    if let Some(f) = format {
-        return if is_json_mime(&f) {
-            Ok(Format::Json)
-        } else if is_xml_mime(&f) {
-            Ok(Format::Xml)
-        } else {
-            Err(ApiError::NotAcceptable(format!(
-                "_format={f} is not supported: use json or xml"
-            )))
-        };
+    })
+}
+
+/// What the client wants back: `_format` wins over `Accept`; JSON unless XML is preferred.
+/// `Accept` is read with its quality values (`q=0` refuses a type); among equals the first listed wins.
+pub fn wanted_format(headers: &HeaderMap, query: Option<&str>) -> Result<Format, ApiError> {
+    if let Some(f) = format_in_query(query) {
+        return format_param(&f);
     }
     let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
         return Ok(Format::Json);
     };
-    for m in accept.split(',') {
-        let m = m.split(';').next().unwrap_or("").trim();
-        if is_json_mime(m) || m == "*/*" || m == "application/*" || m.is_empty() {
-            return Ok(Format::Json);
-        }
-        if is_xml_mime(m) {
-            return Ok(Format::Xml);
+    let mut best: Option<(f32, Format)> = None;
+    for range in accept.split(',') {
+        let mut parts = range.split(';');
+        let m = parts.next().unwrap_or("").trim();
+        let q = parts
+            .filter_map(|p| p.trim().strip_prefix("q="))
+            .find_map(|v| v.trim().parse::<f32>().ok())
+            .unwrap_or(1.0);
+        let format = if is_json_mime(m) || m == "*/*" || m == "application/*" || m.is_empty() {
+            Format::Json
+        } else if is_xml_mime(m) {
+            Format::Xml
+        } else {
+            continue;
+        };
+        if q > 0.0 && best.is_none_or(|(b, _)| q > b) {
+            best = Some((q, format));
         }
     }
-    Err(ApiError::NotAcceptable(format!(
-        "Accept: {accept} cannot be satisfied: this server writes application/fhir+json and application/fhir+xml"
-    )))
+    best.map(|(_, f)| f).ok_or_else(|| {
+        ApiError::NotAcceptable(format!(
+            "Accept: {accept} cannot be satisfied: this server writes application/fhir+json and application/fhir+xml"
+        ))
+    })
 }
 
 /// Check that the response can be written in a format the client accepts.
@@ -186,17 +221,7 @@ impl FromRequest<AppState> for FhirBody {
             };
             return Err(ApiError::UnsupportedMediaType(why));
         }
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok());
-        if declared.is_some_and(|n| n > limit) {
-            return Err(ApiError::PayloadTooLarge(limit));
-        }
-        let bytes = axum::body::to_bytes(req.into_body(), limit)
-            .await
-            .map_err(|e| body_error(&e, limit))?;
+        let bytes = read_body(req, limit).await?;
         if xml {
             let json = super::xml::xml_to_json(&bytes).map_err(|e| {
                 ApiError::invalid(vec![crate::error::Issue::error(
@@ -211,6 +236,21 @@ impl FromRequest<AppState> for FhirBody {
     }
 }
 
+/// A request body, at most `limit` bytes: 413 beyond it (at once when `Content-Length` says so).
+pub async fn read_body(req: Request, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|e| body_error(&e, limit))
+}
+
 /// Why a body could not be read: over the size limit (413), or it stopped arriving — the client
 /// went away or sent too slowly (408), which is not the client's size problem.
 fn body_error(e: &axum::Error, limit: usize) -> ApiError {
@@ -222,4 +262,65 @@ fn body_error(e: &axum::Error, limit: usize) -> ApiError {
         source = s.source();
     }
     ApiError::ClientGone
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accept(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::ACCEPT, HeaderValue::from_str(v).unwrap());
+        h
+    }
+
+    #[test]
+    fn every_r4_format_alias_is_understood() {
+        for v in [
+            "json",
+            "JSON",
+            "application/json",
+            "application/fhir+json",
+            "application/fhir json",
+            "application/json+fhir",
+            "application/fhir+json; fhirVersion=4.0",
+        ] {
+            assert_eq!(format_param(v).unwrap(), Format::Json, "{v}");
+        }
+        for v in [
+            "xml",
+            "text/xml",
+            "application/xml",
+            "application/fhir+xml",
+            "application/xml+fhir",
+        ] {
+            assert_eq!(format_param(v).unwrap(), Format::Xml, "{v}");
+        }
+        for v in ["ttl", "text/turtle", "html", ""] {
+            assert!(format_param(v).is_err(), "{v}");
+        }
+        // `_format` wins over Accept
+        let q = Some("_count=2&_format=application%2Ffhir%2Bxml");
+        assert_eq!(
+            wanted_format(&accept("application/fhir+json"), q).unwrap(),
+            Format::Xml
+        );
+    }
+
+    #[test]
+    fn accept_is_read_with_its_quality_values() {
+        let f = |v: &str| wanted_format(&accept(v), None);
+        assert_eq!(f("application/fhir+xml").unwrap(), Format::Xml);
+        assert_eq!(
+            f("application/fhir+xml;q=0.5, application/fhir+json").unwrap(),
+            Format::Json
+        );
+        assert_eq!(
+            f("text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8").unwrap(),
+            Format::Xml
+        );
+        assert_eq!(f("application/fhir+xml, */*").unwrap(), Format::Xml);
+        assert!(f("application/fhir+json;q=0, text/html").is_err());
+        assert!(f("text/turtle").is_err());
+    }
 }

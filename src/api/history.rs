@@ -1,18 +1,54 @@
-//! `_history` at instance, type and system level.
+//! `_history` at instance, type and system level, with `_count`, `_since`, `_summary` and
+//! `_elements`; the `self` link states them all, so following it gives the same page.
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde_json::{Value, json};
 
-use super::format::{BaseUrl, fhir_json, negotiate};
+use super::format::{BaseUrl, Format, fhir_json, format_in_query, format_param, negotiate};
 use super::responses::{bundle, bundle_entry_json, entry_response};
 use super::search::SearchRequest;
+use super::summary::Shape;
 use super::{AppState, Caller};
 use crate::error::{ApiError, ApiResult, Issue};
 use crate::fhir::datetime::parse_range;
 use crate::store::HistoryQuery;
 
-fn parse_params(query: Option<&str>) -> ApiResult<(i64, i64, Option<i64>)> {
+struct Params {
+    count: i64,
+    offset: i64,
+    /// The instant, and the value as given (for the links).
+    since: Option<(i64, String)>,
+    shape: Shape,
+    format: Option<Format>,
+}
+
+impl Params {
+    /// The parameters of this history at `offset`, in a stable form.
+    fn link_params(&self, offset: i64) -> Vec<(String, String)> {
+        let mut pairs = Vec::new();
+        if let Some((_, since)) = &self.since {
+            pairs.push(("_since".to_string(), since.clone()));
+        }
+        pairs.extend(self.shape.params());
+        if !self.shape.is_count() {
+            pairs.push(("_count".into(), self.count.to_string()));
+            pairs.push(("_offset".into(), offset.to_string()));
+        }
+        if let Some(f) = self.format {
+            pairs.push(("_format".into(), f.param().into()));
+        }
+        pairs
+    }
+}
+
+fn parse_params(rt: Option<&str>, query: Option<&str>) -> ApiResult<Params> {
+    let shape = match rt {
+        Some(rt) => Shape::from_query(rt, query)?,
+        None => Shape::for_any_type(query)?,
+    };
+    // (the first `_format`, as the answer is written in: `format::wanted_format`)
+    let format = format_in_query(query).and_then(|f| format_param(&f).ok());
     let (mut count, mut offset, mut since) = (50i64, 0i64, None);
     for (k, v) in SearchRequest::from_query(query.unwrap_or("")).pairs {
         let bad =
@@ -34,21 +70,28 @@ fn parse_params(query: Option<&str>) -> ApiResult<(i64, i64, Option<i64>)> {
                 }
             }
             "_since" => {
-                since = Some(
-                    parse_range(&v)
-                        .ok_or_else(|| bad(format!("_since '{v}' is not a valid instant")))?
-                        .start,
-                )
+                let at = parse_range(&v)
+                    .ok_or_else(|| bad(format!("_since '{v}' is not a valid instant")))?
+                    .start;
+                since = Some((at, v.clone()));
             }
+            // checked by `Shape` above
+            _ if matches!(k.split(':').next(), Some("_summary" | "_elements")) => {}
             "_format" | "_pretty" => {}
             other => {
                 return Err(bad(format!(
-                    "unknown _history parameter '{other}' (supported: _count, _since)"
+                    "unknown _history parameter '{other}' (supported: _count, _since, _summary, _elements)"
                 )));
             }
         }
     }
-    Ok((count, offset, since))
+    Ok(Params {
+        count,
+        offset,
+        since,
+        shape,
+        format,
+    })
 }
 
 async fn history(
@@ -58,14 +101,16 @@ async fn history(
     id: Option<String>,
     query: Option<&str>,
 ) -> ApiResult<Response> {
-    let (count, offset, since) = parse_params(query)?;
+    let params = parse_params(rt.as_deref(), query)?;
+    let (count, offset) = (params.count, params.offset);
     let q = HistoryQuery {
         // the whole system's history is of the data, not of who looked at it
         except_type: rt.is_none().then(|| crate::auth::AUDIT_TYPE.to_string()),
         resource_type: rt.clone(),
         id: id.clone(),
-        since,
-        count,
+        since: params.since.as_ref().map(|(at, _)| *at),
+        // `_summary=count`: the total only
+        count: if params.shape.is_count() { 0 } else { count },
         offset,
     };
     let (versions, total) = state.store.history(&q).await?;
@@ -75,6 +120,11 @@ async fn history(
     let mut entries = Vec::with_capacity(versions.len());
     for v in &versions {
         let mut e = bundle_entry_json(base, v, None)?;
+        if !params.shape.is_full()
+            && let Some(r) = e.get_mut("resource")
+        {
+            *r = params.shape.apply(r);
+        }
         let url = match v.method.as_str() {
             "POST" => v.resource_type.clone(),
             _ => format!("{}/{}", v.resource_type, v.id),
@@ -94,13 +144,22 @@ async fn history(
         (Some(rt), None) => format!("{rt}/_history"),
         _ => "_history".into(),
     };
-    let link = |o: i64| -> Value { json!(format!("{}/{path}?_count={count}&_offset={o}", base.0)) };
+    let link = |o: i64| -> Value {
+        json!(format!(
+            "{}/{path}?{}",
+            base.0,
+            SearchRequest::encode(&params.link_params(o))
+        ))
+    };
     let mut links = vec![json!({"relation": "self", "url": link(offset)})];
-    if offset + count < total {
-        links.push(json!({"relation": "next", "url": link(offset + count)}));
-    }
-    if offset > 0 {
-        links.push(json!({"relation": "previous", "url": link((offset - count).max(0))}));
+    // `_summary=count` has no pages to link to
+    if !params.shape.is_count() {
+        if offset + count < total {
+            links.push(json!({"relation": "next", "url": link(offset + count)}));
+        }
+        if offset > 0 {
+            links.push(json!({"relation": "previous", "url": link((offset - count).max(0))}));
+        }
     }
     Ok(fhir_json(
         StatusCode::OK,

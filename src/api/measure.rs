@@ -6,32 +6,14 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde_json::{Value, json};
 
-use super::format::{FhirBody, fhir_json, negotiate};
+use super::format::{fhir_json, negotiate};
+use super::parameters::{OperationBody, OperationParams, ParamValue};
 use super::{AppState, Caller};
 use crate::error::{ApiError, ApiResult, Issue};
 use crate::measures::MeasureError;
 use crate::measures::definition::{MeasureDef, measure, measure_by_url, measures};
 use crate::measures::evaluate::{Detail, Period, Subject, evaluate};
 use crate::measures::generate::{Due, generate};
-
-/// An operation's body: a Parameters resource, or nothing (the parameters in the query).
-pub struct OperationBody(pub bytes::Bytes);
-
-impl axum::extract::FromRequest<AppState> for OperationBody {
-    type Rejection = ApiError;
-    async fn from_request(req: axum::extract::Request, state: &AppState) -> Result<Self, ApiError> {
-        use axum::http::header;
-        let h = req.headers();
-        let empty = !h.contains_key(header::CONTENT_TYPE)
-            && h.get(header::CONTENT_LENGTH)
-                .is_none_or(|v| v.as_bytes() == b"0");
-        if empty && !h.contains_key(header::TRANSFER_ENCODING) {
-            return Ok(OperationBody(bytes::Bytes::new()));
-        }
-        let FhirBody(b) = FhirBody::from_request(req, state).await?;
-        Ok(OperationBody(b))
-    }
-}
 
 /// Evaluations running at once, process-wide: a national year is seconds of database reads, and
 /// many of them at once would starve the writes; beyond, a short wait, then 503.
@@ -42,9 +24,6 @@ fn evaluation_slots() -> &'static tokio::sync::Semaphore {
     static SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
     SLOTS.get_or_init(|| tokio::sync::Semaphore::new(MAX_EVALUATIONS_AT_ONCE))
 }
-
-/// The largest Parameters body an operation reads.
-const MAX_PARAMETERS_BYTES: usize = 64 * 1024;
 
 impl From<MeasureError> for ApiError {
     fn from(e: MeasureError) -> ApiError {
@@ -60,51 +39,21 @@ impl From<MeasureError> for ApiError {
     }
 }
 
-/// An operation's input: the query's parameters, or a `Parameters` body's (primitive values).
+/// An operation's input as (name, value) pairs: Measure operations take primitive values only.
 fn operation_parameters(query: Option<&str>, body: &[u8]) -> ApiResult<Vec<(String, String)>> {
-    let mut out: Vec<(String, String)> = form_urlencoded::parse(query.unwrap_or("").as_bytes())
-        .filter(|(k, _)| !k.starts_with('_'))
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(out);
-    }
-    if body.len() > MAX_PARAMETERS_BYTES {
-        return Err(ApiError::PayloadTooLarge(MAX_PARAMETERS_BYTES));
-    }
-    let v: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::invalid(vec![Issue::error(
-            "structure",
-            format!("the body is not JSON: {e}"),
-            None,
-        )])
-    })?;
-    if v["resourceType"] != "Parameters" {
-        return Err(ApiError::invalid(vec![Issue::error(
-            "structure",
-            "an operation's body must be a Parameters resource",
-            Some("resourceType".into()),
-        )]));
-    }
-    for (i, p) in v["parameter"].as_array().into_iter().flatten().enumerate() {
-        let name = p["name"].as_str().unwrap_or_default();
-        let value = p.as_object().and_then(|o| {
-            o.iter()
-                .find(|(k, _)| k.starts_with("value"))
-                .and_then(|(_, v)| v.as_str().map(String::from))
-        });
-        match value {
-            Some(v) => out.push((name.to_string(), v)),
-            None => {
-                return Err(ApiError::invalid(vec![Issue::error(
-                    "invalid",
-                    format!("parameter {name} has no primitive value"),
-                    Some(format!("Parameters.parameter[{i}]")),
-                )]));
-            }
-        }
-    }
-    Ok(out)
+    let params = OperationParams::read(query, body)?;
+    params
+        .items
+        .into_iter()
+        .map(|(name, v)| match v {
+            ParamValue::Text(t) => Ok((name, t)),
+            _ => Err(ApiError::invalid(vec![Issue::error(
+                "invalid",
+                format!("parameter {name} must be a primitive value"),
+                Some(name.clone()),
+            )])),
+        })
+        .collect()
 }
 
 fn single<'a>(params: &'a [(String, String)], name: &str) -> ApiResult<Option<&'a str>> {

@@ -41,7 +41,7 @@ pub fn capability_statement(base: &str, token_endpoint: Option<&str>) -> Value {
             let codes: &[&str] = if audit {
                 &["read", "vread", "history-instance", "history-type", "search-type"]
             } else {
-                &["read", "vread", "update", "delete", "history-instance", "history-type", "create", "search-type"]
+                &["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"]
             };
             let interactions: Vec<Value> = codes.iter().map(|c| json!({"code": c})).collect();
             // our profiles of this type (profiles/): notifica-caso is what the rules emit and are
@@ -69,6 +69,7 @@ pub fn capability_statement(base: &str, token_endpoint: Option<&str>) -> Value {
             if !supported.is_empty() {
                 entry["supportedProfile"] = json!(supported);
             }
+            entry["operation"] = json!([validate_operation()]);
             if *rt == "Subscription" {
                 // the topics (profiles/SubscriptionTopic-*.json) and operations of the Backport IG
                 entry["extension"] = json!(crate::subscriptions::topics::topics()
@@ -77,12 +78,13 @@ pub fn capability_statement(base: &str, token_endpoint: Option<&str>) -> Value {
                         "valueCanonical": t.url}))
                     .collect::<Vec<_>>());
                 entry["operation"] = json!([
+                    validate_operation(),
                     {"name": "status", "definition": "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-status"},
                     {"name": "events", "definition": "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-events"},
                 ]);
             }
             if *rt == "MeasureReport" {
-                entry["operation"] = json!([{
+                entry["operation"] = json!([validate_operation(), {
                     "name": "generate-reports",
                     "definition": format!("{}/OperationDefinition/generate-reports", crate::terminology::CANON),
                     "documentation": "POST ?period=YYYY-MM (or YYYY): store now the periodic summaries of that month (Modello 16 per ASL, Modello 16-bis and CRE monthly per region) or year (class V annual per ASL and region), as the server does once a period is over; a new version only where a count changed. Administrators only."
@@ -111,6 +113,7 @@ pub fn capability_statement(base: &str, token_endpoint: Option<&str>) -> Value {
             "documentation": "periodStart, periodEnd (dates), subject (an area as CANON/sid/asl|CODE, /sid/provincia|CODE or /sid/regione|CODE), reportType summary (default) or subject-list (the cases behind each count, for clients who may read them)."
         }]
     }));
+    resources.extend(conformance_resources());
     json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -122,13 +125,75 @@ pub fn capability_statement(base: &str, token_endpoint: Option<&str>) -> Value {
         "description": description(),
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json", "application/fhir+xml", "xml"],
+        "patchFormat": ["application/json-patch+json"],
         "rest": [{
             "mode": "server",
             "resource": resources,
             "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
+            "operation": [{
+                "name": "validate",
+                "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
+                "documentation": "POST /Bundle/$validate: a whole transaction or batch, checked as POST / would check it, nothing stored."
+            }],
             "security": security(token_endpoint),
         }],
     })
+}
+
+fn validate_operation() -> Value {
+    json!({
+        "name": "validate",
+        "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
+        "documentation": "The checks a write runs (R4 schema, StructureDefinitions and invariants, the profiles of ours the resource claims or `profile` names, our extensions, bindings by strength, codice fiscale, ICD-9-CM), answered as an OperationOutcome with FHIRPath locations; nothing is stored. mode create (default), update, or delete (instance level)."
+    })
+}
+
+/// The conformance resources (src/conformance): read and search only, by url, version, name and
+/// status; the terminology operations on the types that have them.
+fn conformance_resources() -> Vec<Value> {
+    let conf = |name: &str, kind: &str| json!({"name": name, "definition": format!("http://hl7.org/fhir/SearchParameter/conformance-{name}"), "type": kind});
+    crate::conformance::SERVED_CONFORMANCE_TYPES
+        .iter()
+        .map(|rt| {
+            let mut params = vec![
+                json!({"name": "_id", "definition": "http://hl7.org/fhir/SearchParameter/Resource-id", "type": "token"}),
+                conf("url", "uri"),
+                conf("version", "token"),
+                conf("name", "string"),
+                json!({"name": "title", "definition": "http://hl7.org/fhir/SearchParameter/conformance-title", "type": "string"}),
+                conf("status", "token"),
+            ];
+            match *rt {
+                "StructureDefinition" => params.push(json!({"name": "type", "definition": "http://hl7.org/fhir/SearchParameter/StructureDefinition-type", "type": "token"})),
+                "SearchParameter" => {
+                    params.push(json!({"name": "code", "definition": "http://hl7.org/fhir/SearchParameter/SearchParameter-code", "type": "token"}));
+                    params.push(json!({"name": "base", "definition": "http://hl7.org/fhir/SearchParameter/SearchParameter-base", "type": "token"}));
+                }
+                _ => {}
+            }
+            let n = crate::conformance::Conformance::get().all(rt).len();
+            let what = if *rt == "Basic" {
+                "the subscription topics (R4 Subscriptions Backport: Basic resources whose url, version and name are extensions)".to_string()
+            } else {
+                format!("{n} {rt} resources: ours (profiles/, terminology/) and the packaged R4 ones the server validates with (tagged SUBSETTED: only what validation reads is kept)")
+            };
+            let mut entry = json!({
+                "type": rt,
+                "profile": format!("http://hl7.org/fhir/StructureDefinition/{rt}"),
+                "documentation": format!("Read-only, {what}; other methods answer 405."),
+                "interaction": [{"code": "read"}, {"code": "search-type"}],
+                "searchParam": params,
+            });
+            let op = |name: &str, def: &str| json!({"name": name, "definition": format!("http://hl7.org/fhir/OperationDefinition/{def}")});
+            match *rt {
+                "CodeSystem" => entry["operation"] = json!([op("lookup", "CodeSystem-lookup"), op("subsumes", "CodeSystem-subsumes")]),
+                "ValueSet" => entry["operation"] = json!([op("expand", "ValueSet-expand"), op("validate-code", "ValueSet-validate-code")]),
+                "ConceptMap" => entry["operation"] = json!([op("translate", "ConceptMap-translate")]),
+                _ => {}
+            }
+            entry
+        })
+        .collect()
 }
 
 /// What the rules do, with the canonical URLs of the rule sets and of the extensions and code

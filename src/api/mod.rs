@@ -1,18 +1,24 @@
 //! The HTTP API: the FHIR REST routes under `/fhir`.
 pub mod audit_trail;
 pub mod bundle;
+pub mod conformance;
 pub mod crud;
 pub mod format;
 pub mod history;
 pub mod interactions;
 pub mod measure;
 pub mod metadata;
+pub mod parameters;
+pub mod patch;
 pub mod policy;
 pub mod rate_limit;
 pub mod responses;
 pub mod search;
 pub mod subscription_ops;
+pub mod summary;
+pub mod terminology;
 pub mod token;
+pub mod validate;
 pub mod write_task;
 pub mod write_tx;
 pub mod xml;
@@ -196,6 +202,53 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed("this method is not supported on this URL".into())
 }
 
+/// The conformance resources (read-only: they are data of the repository; other methods answer
+/// 405) and the terminology operations over them.
+fn conformance_routes() -> Router<AppState> {
+    let mut r = Router::new();
+    for t in crate::conformance::SERVED_CONFORMANCE_TYPES {
+        r = r
+            .route(&format!("/{t}"), get(conformance::search))
+            .route(&format!("/{t}/{{id}}"), get(conformance::read));
+    }
+    r.route(
+        "/CodeSystem/$lookup",
+        get(terminology::lookup).post(terminology::lookup),
+    )
+    .route(
+        "/CodeSystem/$subsumes",
+        get(terminology::subsumes).post(terminology::subsumes),
+    )
+    .route(
+        "/CodeSystem/{id}/$subsumes",
+        get(terminology::subsumes_instance).post(terminology::subsumes_instance),
+    )
+    .route(
+        "/ValueSet/$expand",
+        get(terminology::expand).post(terminology::expand),
+    )
+    .route(
+        "/ValueSet/{id}/$expand",
+        get(terminology::expand_instance).post(terminology::expand_instance),
+    )
+    .route(
+        "/ValueSet/$validate-code",
+        get(terminology::validate_code).post(terminology::validate_code),
+    )
+    .route(
+        "/ValueSet/{id}/$validate-code",
+        get(terminology::validate_code_instance).post(terminology::validate_code_instance),
+    )
+    .route(
+        "/ConceptMap/$translate",
+        get(terminology::translate).post(terminology::translate),
+    )
+    .route(
+        "/ConceptMap/{id}/$translate",
+        get(terminology::translate_instance).post(terminology::translate_instance),
+    )
+}
+
 pub fn router(state: AppState) -> Router {
     let fhir = Router::new()
         .route("/", post(bundle::process))
@@ -212,8 +265,13 @@ pub fn router(state: AppState) -> Router {
         .route("/{type}/_history", get(history::type_level))
         .route(
             "/{type}/{id}",
-            get(crud::read).put(crud::update).delete(crud::delete),
+            get(crud::read)
+                .put(crud::update)
+                .delete(crud::delete)
+                .patch(patch::patch),
         )
+        .route("/{type}/$validate", post(validate::validate_type))
+        .route("/{type}/{id}/$validate", post(validate::validate_instance))
         .route("/{type}/{id}/_history", get(history::instance))
         .route("/{type}/{id}/_history/{vid}", get(crud::vread))
         // Measures are data of the repository: read-only (other methods answer 405)
@@ -231,6 +289,7 @@ pub fn router(state: AppState) -> Router {
             "/MeasureReport/$generate-reports",
             post(measure::generate_reports),
         )
+        .merge(conformance_routes())
         .route("/Subscription/$status", get(subscription_ops::status_type))
         .route("/Subscription/{id}/$status", get(subscription_ops::status))
         .route("/Subscription/{id}/$events", get(subscription_ops::events))

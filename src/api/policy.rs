@@ -14,6 +14,14 @@ use super::{AppState, Caller};
 use crate::auth::Principal;
 use crate::error::ApiError;
 
+const TERMINOLOGY_OPERATIONS: &[&str] = &[
+    "/$lookup",
+    "/$subsumes",
+    "/$expand",
+    "/$validate-code",
+    "/$translate",
+];
+
 /// What a routed request does to which resource type.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -34,6 +42,23 @@ pub fn action(method: &Method, route: &str, rt: Option<&str>) -> Action {
     }
     if route.ends_with("/$generate-reports") {
         return Action::Write("MeasureReport".into());
+    }
+    // terminology operations read code systems, whatever the method carries the parameters
+    if TERMINOLOGY_OPERATIONS.iter().any(|op| route.ends_with(op)) {
+        let t = route
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or("");
+        return Action::Read(t.to_string());
+    }
+    // `$validate` stores nothing: checking a body is open to every client; checking it against a
+    // stored resource (instance level) reads that resource
+    if route.ends_with("/$validate") {
+        return match (route, rt) {
+            ("/{type}/{id}/$validate", Some(t)) => Action::Read(t.to_string()),
+            _ => Action::Open,
+        };
     }
     let read = matches!(*method, Method::GET | Method::HEAD) || route.ends_with("/_search");
     let rt = match rt {

@@ -1,5 +1,11 @@
 //! Search: parameters parsed strictly into a store query (a typo is a 400, never "everything"),
-//! `_include`/`_revinclude`, paging links and the searchset Bundle.
+//! `_include`/`_revinclude`, `_summary`/`_elements`, paging links and the searchset Bundle.
+//!
+//! The `self` link states the search the server ran, in a stable form: the criteria it applied
+//! (with their modifiers, sorted), the includes, `_sort`, `_summary`/`_elements`, `_count`,
+//! `_offset`, and `_format` when one was asked for. What it did not apply is not there: a parameter
+//! ignored under `Prefer: handling=lenient` (reported in the outcome entry), `_total` (the total is
+//! always counted), `_pretty`. Following the `self` link gives the same page.
 use std::collections::HashSet;
 
 use axum::extract::{Path, RawQuery, State};
@@ -7,8 +13,9 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use serde_json::{Value, json};
 
-use super::format::{BaseUrl, Prefer, fhir_json, negotiate};
+use super::format::{BaseUrl, Format, Prefer, fhir_json, format_in_query, format_param, negotiate};
 use super::responses::bundle_entry_json;
+use super::summary::Shape;
 use super::{AppState, Caller};
 use crate::error::{ApiError, ApiResult, Issue};
 use crate::fhir::Definitions;
@@ -59,10 +66,42 @@ pub struct ParsedSearch {
     pub query: SearchQuery,
     pub includes: Vec<Include>,
     pub revincludes: Vec<Include>,
-    /// The parameters that define the result set (for paging links).
+    /// The criteria applied (`name[:modifier]`, value as given), for the links.
     pub criteria: Vec<(String, String)>,
-    pub summary_count: bool,
+    /// `_include` / `_revinclude` as applied, for the links.
+    include_params: Vec<(String, String)>,
+    /// The `_sort` applied (the last one given: each replaces the one before).
+    sort_param: Option<String>,
+    /// `_summary` / `_elements`.
+    pub shape: Shape,
+    /// `_format` of the URL, kept in the links so that paging stays in the format asked for
+    /// (set by the handler: it is the URL's `_format` that the answer is written in).
+    pub format: Option<Format>,
     pub warnings: Vec<Issue>,
+}
+
+impl ParsedSearch {
+    /// The parameters of this search at `offset`, in a stable form (see the module comment).
+    pub fn link_params(&self, offset: i64) -> Vec<(String, String)> {
+        let mut criteria = self.criteria.clone();
+        criteria.sort();
+        let mut includes = self.include_params.clone();
+        includes.sort();
+        let mut pairs = criteria;
+        pairs.extend(includes);
+        if let Some(sort) = &self.sort_param {
+            pairs.push(("_sort".into(), sort.clone()));
+        }
+        pairs.extend(self.shape.params());
+        if !self.shape.is_count() {
+            pairs.push(("_count".into(), self.query.count.to_string()));
+            pairs.push(("_offset".into(), offset.to_string()));
+        }
+        if let Some(f) = self.format {
+            pairs.push(("_format".into(), f.param().into()));
+        }
+        pairs
+    }
 }
 
 /// Parameters that control the result rather than select resources.
@@ -72,6 +111,7 @@ const RESULT_PARAMS: &[&str] = &[
     "_sort",
     "_total",
     "_summary",
+    "_elements",
     "_format",
     "_pretty",
     "_include",
@@ -125,8 +165,24 @@ pub fn parse_search(rt: &str, req: &SearchRequest, lenient: bool) -> ApiResult<P
         includes: vec![],
         revincludes: vec![],
         criteria: vec![],
-        summary_count: false,
+        include_params: vec![],
+        sort_param: None,
+        shape: Shape::full(),
+        format: None,
         warnings: vec![],
+    };
+    let mut shape_pairs: Vec<(String, String)> = Vec::new();
+    // an error a lenient search reports and goes on without (an unknown or unsupported parameter)
+    let ignore = |e: ApiError, warnings: &mut Vec<Issue>| -> ApiResult<()> {
+        if !lenient {
+            return Err(e);
+        }
+        warnings.extend(e.issues().into_iter().map(|mut i| {
+            i.severity = crate::error::Severity::Warning;
+            i.diagnostics = format!("ignored (Prefer: handling=lenient): {}", i.diagnostics);
+            i
+        }));
+        Ok(())
     };
     for (key, value) in &req.pairs {
         let (name, modifier) = match key.split_once(':') {
@@ -134,6 +190,21 @@ pub fn parse_search(rt: &str, req: &SearchRequest, lenient: bool) -> ApiResult<P
             None => (key.as_str(), None),
         };
         if RESULT_PARAMS.contains(&name) {
+            if name == "_summary" || name == "_elements" {
+                // checked (modifiers too) by `Shape`, once all are known
+                shape_pairs.push((key.clone(), value.clone()));
+                continue;
+            }
+            if let Some(m) = modifier {
+                let why = match (name, m) {
+                    ("_include" | "_revinclude", "iterate" | "recurse") => format!(
+                        "{key} is not supported: includes are not followed further than one level"
+                    ),
+                    _ => format!("{name} takes no modifier (:{m})"),
+                };
+                ignore(bad(key, why), &mut parsed.warnings)?;
+                continue;
+            }
             match name {
                 "_count" => {
                     let n: i64 = value
@@ -163,16 +234,9 @@ pub fn parse_search(rt: &str, req: &SearchRequest, lenient: bool) -> ApiResult<P
                             ));
                         }
                     };
-                    parsed.criteria.push((key.clone(), value.clone()));
+                    parsed.sort_param = Some(value.clone());
                 }
-                "_summary" if value == "count" => parsed.summary_count = true,
-                "_summary" if value == "false" => {}
-                "_summary" => {
-                    return Err(bad(
-                        key,
-                        format!("_summary={value} is not supported (use count)"),
-                    ));
-                }
+                // the handler reads it from the URL (`run_search`), as the response is written
                 "_total" if matches!(value.as_str(), "accurate" | "estimate" | "none") => {}
                 "_total" => return Err(bad(key, format!("_total={value} is not valid"))),
                 "_include" | "_revinclude" => {
@@ -182,7 +246,7 @@ pub fn parse_search(rt: &str, req: &SearchRequest, lenient: bool) -> ApiResult<P
                     } else {
                         parsed.revincludes.push(inc)
                     }
-                    parsed.criteria.push((key.clone(), value.clone()));
+                    parsed.include_params.push((key.clone(), value.clone()));
                 }
                 _ => {}
             }
@@ -199,14 +263,10 @@ pub fn parse_search(rt: &str, req: &SearchRequest, lenient: bool) -> ApiResult<P
                 q.conditions.push(c);
                 parsed.criteria.push((key.clone(), value.clone()));
             }
-            Err(e) if lenient => parsed.warnings.extend(e.issues().into_iter().map(|mut i| {
-                i.severity = crate::error::Severity::Warning;
-                i.diagnostics = format!("ignored (Prefer: handling=lenient): {}", i.diagnostics);
-                i
-            })),
-            Err(e) => return Err(e),
+            Err(e) => ignore(e, &mut parsed.warnings)?,
         }
     }
+    parsed.shape = Shape::from_pairs(rt, &shape_pairs)?;
     if q.conditions.len() > MAX_CRITERIA {
         return Err(too_costly(format!(
             "{} search criteria; at most {MAX_CRITERIA} in one search",
@@ -442,7 +502,13 @@ pub async fn search_type(
     negotiate(&headers, query.as_deref())?;
     super::require_type(&rt)?;
     let req = SearchRequest::from_query(query.as_deref().unwrap_or(""));
-    run_search(&state, &caller, &rt, req, prefer, &base).await
+    let format = url_format(query.as_deref());
+    run_search(&state, &caller, &rt, req, prefer, &base, format).await
+}
+
+/// The `_format` of the URL, which the answer is written in (`negotiate` refused any other).
+fn url_format(query: Option<&str>) -> Option<Format> {
+    format_in_query(query).and_then(|f| format_param(&f).ok())
 }
 
 #[allow(clippy::too_many_arguments)] // an axum handler: one argument per extractor
@@ -470,7 +536,8 @@ pub async fn search_post(
     let mut req = SearchRequest::from_query(query.as_deref().unwrap_or(""));
     req.pairs
         .extend(SearchRequest::from_query(&String::from_utf8_lossy(&body)).pairs);
-    run_search(&state, &caller, &rt, req, prefer, &base).await
+    let format = url_format(query.as_deref());
+    run_search(&state, &caller, &rt, req, prefer, &base, format).await
 }
 
 async fn run_search(
@@ -480,11 +547,14 @@ async fn run_search(
     req: SearchRequest,
     prefer: Prefer,
     base: &BaseUrl,
+    format: Option<Format>,
 ) -> ApiResult<Response> {
     let mut parsed = parse_search(rt, &req, prefer.lenient)?;
-    if parsed.summary_count {
+    parsed.format = format;
+    if parsed.shape.is_count() {
         parsed.query.count = 0;
     }
+    let included_shape = parsed.shape.for_included();
     // a client limited to some regions (or to its own subscriptions) searches within them only
     if let Some(scope) = caller.0.scope(rt) {
         parsed.query.conditions.extend(scope);
@@ -496,7 +566,7 @@ async fn run_search(
     let mut seen: HashSet<(String, String)> = HashSet::new();
     for m in &page.matches {
         seen.insert((m.resource_type.clone(), m.id.clone()));
-        entries.push(bundle_entry_json(base, m, Some("match"))?);
+        entries.push(shaped_entry(base, m, "match", &parsed.shape)?);
     }
     let ids: Vec<String> = page.matches.iter().map(|m| m.id.clone()).collect();
     if !ids.is_empty() {
@@ -513,7 +583,7 @@ async fn run_search(
                 if caller.check_sees(&r).is_ok()
                     && seen.insert((r.resource_type.clone(), r.id.clone()))
                 {
-                    entries.push(bundle_entry_json(base, &r, Some("include"))?);
+                    entries.push(shaped_entry(base, &r, "include", &included_shape)?);
                 }
             }
         }
@@ -526,17 +596,18 @@ async fn run_search(
                 if caller.check_sees(&r).is_ok()
                     && seen.insert((r.resource_type.clone(), r.id.clone()))
                 {
-                    entries.push(bundle_entry_json(base, &r, Some("include"))?);
+                    entries.push(shaped_entry(base, &r, "include", &included_shape)?);
                 }
             }
         }
     }
     let q = &parsed.query;
     let link = |offset: i64| {
-        let mut pairs = parsed.criteria.clone();
-        pairs.push(("_count".into(), q.count.to_string()));
-        pairs.push(("_offset".into(), offset.to_string()));
-        format!("{}/{rt}?{}", base.0, SearchRequest::encode(&pairs))
+        format!(
+            "{}/{rt}?{}",
+            base.0,
+            SearchRequest::encode(&parsed.link_params(offset))
+        )
     };
     let mut links = vec![json!({"relation": "self", "url": link(q.offset)})];
     if q.count > 0 {
@@ -562,4 +633,20 @@ async fn run_search(
     }
     let bundle = super::responses::bundle("searchset", Some(total), links, entries);
     Ok(fhir_json(axum::http::StatusCode::OK, &bundle))
+}
+
+/// A searchset entry, its resource in the shape `_summary` / `_elements` asked for.
+fn shaped_entry(
+    base: &BaseUrl,
+    stored: &crate::store::StoredResource,
+    mode: &str,
+    shape: &Shape,
+) -> ApiResult<Value> {
+    let mut e = bundle_entry_json(base, stored, Some(mode))?;
+    if !shape.is_full()
+        && let Some(r) = e.get_mut("resource")
+    {
+        *r = shape.apply(r);
+    }
+    Ok(e)
 }

@@ -21,6 +21,8 @@ pub enum Interaction {
     HistorySystem,
     Create,
     Update,
+    /// A PATCH: an update described by its changes (restful-interaction `patch`).
+    Patch,
     Delete,
     Transaction,
     Batch,
@@ -41,6 +43,7 @@ impl Interaction {
             Interaction::HistorySystem => "history-system",
             Interaction::Create => "create",
             Interaction::Update => "update",
+            Interaction::Patch => "patch",
             Interaction::Delete => "delete",
             Interaction::Transaction => "transaction",
             Interaction::Batch => "batch",
@@ -58,7 +61,7 @@ impl Interaction {
             | Interaction::HistorySystem
             | Interaction::Deliver => "R",
             Interaction::Create => "C",
-            Interaction::Update => "U",
+            Interaction::Update | Interaction::Patch => "U",
             Interaction::Delete => "D",
             Interaction::SearchType
             | Interaction::SearchSystem

@@ -37,6 +37,15 @@ impl Definitions {
     }
 }
 
+/// Every packaged R4 definition (StructureDefinitions, ValueSets, CodeSystems, SearchParameters),
+/// parsed anew: the conformance registry serves them.
+pub fn packaged() -> Vec<Value> {
+    [PROFILES, VALUESETS, SEARCH_PARAMETERS]
+        .into_iter()
+        .flat_map(bundle_resources)
+        .collect()
+}
+
 fn bundle_resources(text: &str) -> Vec<Value> {
     let bundle: Value = serde_json::from_str(text).expect("packaged definitions are valid JSON");
     match bundle.get("entry").and_then(Value::as_array) {

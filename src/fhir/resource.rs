@@ -91,6 +91,13 @@ pub fn validate(resource: &Value) -> Result<(), ApiError> {
     // national rules (a valid codice fiscale) and the code systems the rules read (ICD-9-CM): well-formed FHIR that breaks them is a 422
     let mut issues = crate::italy::check(resource);
     issues.extend(crate::terminology::icd9::check(resource));
+    // the profiles of ours it claims and the extensions of ours it carries (warnings, such as an
+    // extensible binding not met, do not stop a write; `$validate` reports them)
+    issues.extend(
+        super::profile::conformance_issues(resource, None)
+            .into_iter()
+            .filter(|i| i.severity == crate::error::Severity::Error),
+    );
     if rt == "Communication" {
         for element in ["payload", "reasonReference"] {
             if resource[element]

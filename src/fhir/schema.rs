@@ -12,6 +12,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;
 
+use jsonschema::error::ValidationErrorKind;
 use jsonschema::paths::LocationSegment;
 use jsonschema::{Draft, Validator};
 use serde_json::value::RawValue;
@@ -142,6 +143,8 @@ impl SchemaValidators {
             };
             let mut def: Value = serde_json::from_str(text.get()).unwrap_or_else(invalid);
             unlink(&mut def);
+            fhir_string_rule(&mut def);
+            fhir_version_enum(&mut def);
             refs(&def, &mut todo);
             out.insert(name, def);
         }
@@ -178,7 +181,7 @@ impl SchemaValidators {
                     LocationSegment::Index(i) => at.push_str(&format!("[{i}]")),
                 }
             }
-            Issue::error("structure", e.to_string(), Some(at))
+            Issue::error("structure", message(&e), Some(at))
         }));
         let mut inner = Vec::new();
         embedded_resources(resource, path, &mut inner);
@@ -295,6 +298,72 @@ fn unlink(schema: &mut Value) {
     }
 }
 
+/// The pattern the R4 JSON schema gives `string` and `markdown` (and the choice elements of those
+/// types, which it inlines): FHIR's regex `[ \r\n\t\S]+`, written for XML Schema, where `\s` is
+/// only space, tab, CR and LF, so that it means "not empty". Read as ECMAScript, as JSON Schema
+/// does, `\S` also excludes every Unicode space: a no-break space in a name (`Dr.\u{a0}Rossi`),
+/// allowed by FHIR, was refused, while most control characters passed.
+const SCHEMA_STRING_PATTERN: &str = r"^[ \r\n\t\S]+$";
+
+/// FHIR's own rule for `string` (R4 datatypes page): no character below U+0020 but tab, CR
+/// and LF, and some content that is not whitespace. As ECMAScript, like the rest of the schema:
+/// control-free characters around at least one that is neither whitespace nor a control character.
+/// No lookaround and no backreference: fancy-regex hands it whole to the linear-time `regex` crate.
+const FHIR_STRING_PATTERN: &str =
+    r"^[^\x00-\x08\x0B\x0C\x0E-\x1F]*[^\s\x00-\x1F][^\x00-\x08\x0B\x0C\x0E-\x1F]*$";
+
+/// Put FHIR's string rule where the schema has its ECMAScript reading of it. Only that exact
+/// pattern is replaced: `code`, `id`, `uri` and the others keep theirs (a no-break space has no
+/// place in a code or a URI).
+fn fhir_string_rule(schema: &mut Value) {
+    match schema {
+        Value::Object(o) => {
+            if let Some(p) = o.get_mut("pattern")
+                && p.as_str() == Some(SCHEMA_STRING_PATTERN)
+            {
+                *p = Value::from(FHIR_STRING_PATTERN);
+            }
+            o.values_mut().for_each(fhir_string_rule);
+        }
+        Value::Array(a) => a.iter_mut().for_each(fhir_string_rule),
+        _ => {}
+    }
+}
+
+/// The R4 schema's list of FHIR versions (`fhirVersion` of StructureDefinition, CapabilityStatement
+/// and ImplementationGuide) stops at 4.0.0: it was generated before the 4.0.1 technical correction,
+/// the version this server and every R4 resource it serves declare. 4.0.1 is added to that list
+/// only (recognised by its first and last entries).
+fn fhir_version_enum(schema: &mut Value) {
+    match schema {
+        Value::Object(o) => {
+            if let Some(Value::Array(versions)) = o.get_mut("enum")
+                && versions.first().and_then(Value::as_str) == Some("0.01")
+                && versions.last().and_then(Value::as_str) == Some("4.0.0")
+            {
+                versions.push(Value::from("4.0.1"));
+            }
+            o.values_mut().for_each(fhir_version_enum);
+        }
+        Value::Array(a) => a.iter_mut().for_each(fhir_version_enum),
+        _ => {}
+    }
+}
+
+/// The message of a schema error: the library's, but for the string rule, whose regex says
+/// nothing to a sender.
+fn message(error: &jsonschema::ValidationError) -> String {
+    match error.kind() {
+        // the value is not repeated: it may be long, and the issue's expression points at it
+        ValidationErrorKind::Pattern { pattern } if pattern == FHIR_STRING_PATTERN => {
+            "not a valid FHIR string: it must contain a character other than whitespace, and no \
+             control character but tab, carriage return and line feed"
+                .to_string()
+        }
+        _ => error.to_string(),
+    }
+}
+
 fn refs(schema: &Value, out: &mut Vec<String>) {
     match schema {
         Value::Object(o) => {
@@ -405,6 +474,107 @@ mod tests {
             ],
             "{issues:?}"
         );
+    }
+
+    #[test]
+    fn the_schema_reading_of_the_string_rule_is_replaced_everywhere() {
+        let v = SchemaValidators::get();
+        let types = super::super::SERVED_TYPES.iter().chain(VALIDATED).copied();
+        let all = v.reachable(types.chain(v.resource_types.iter().map(String::as_str)));
+        let text = serde_json::to_string(&all).unwrap();
+        assert!(!text.contains(&serde_json::to_string(SCHEMA_STRING_PATTERN).unwrap()));
+        for (def, at) in [
+            ("string", &all["string"]),
+            ("markdown", &all["markdown"]),
+            (
+                "Observation.valueString",
+                &all["Observation"]["properties"]["valueString"],
+            ),
+        ] {
+            assert_eq!(at["pattern"], FHIR_STRING_PATTERN, "{def}");
+        }
+    }
+
+    #[test]
+    fn a_no_break_space_is_string_content_and_whitespace_alone_is_not() {
+        let v = SchemaValidators::get();
+        let patient = |name: &str| json!({"resourceType": "Patient", "name": [{"text": name, "family": "Rossi"}]});
+        // Unicode spaces inside a string (and markdown, and a choice of type string)
+        for ok in [
+            "Dr.\u{a0}Rossi",
+            "Rossi\u{2009}Mario",
+            "\u{a0}Rossi ",
+            "tab\there\r\n",
+            "x",
+        ] {
+            assert!(v.validate(&patient(ok)).is_empty(), "{ok:?}");
+        }
+        let obs = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+            "valueString": "10\u{a0}mg", "note": [{"text": "**10\u{a0}mg**"}]});
+        assert!(v.validate(&obs).is_empty());
+        // no content but whitespace (of any kind), empty, or a control character: refused, with
+        // a message that says what a FHIR string is and the path of the element
+        for bad in [
+            " ",
+            "\u{a0}",
+            " \t\r\n\u{3000}",
+            "",
+            "a\u{1}b",
+            "a\u{b}b",
+            "a\u{c}b",
+            "\u{1f}",
+        ] {
+            let issues = v.validate(&patient(bad));
+            assert_eq!(
+                paths(&issues),
+                ["Patient.name[0].text"],
+                "{bad:?}: {issues:?}"
+            );
+            if !bad.is_empty() {
+                assert!(
+                    issues[0].diagnostics.contains("not a valid FHIR string"),
+                    "{issues:?}"
+                );
+            }
+        }
+        let mut bad = obs.clone();
+        bad["valueString"] = json!("\u{a0} ");
+        bad["note"][0]["text"] = json!("\u{0}");
+        let issues = v.validate(&bad);
+        let mut found = paths(&issues);
+        found.sort_unstable();
+        assert_eq!(
+            found,
+            ["Observation.note[0].text", "Observation.valueString"],
+            "{issues:?}"
+        );
+    }
+
+    #[test]
+    fn the_other_types_keep_their_whitespace_rules() {
+        let v = SchemaValidators::get();
+        // a code has no leading, trailing or double whitespace (a no-break space is whitespace
+        // there, as before); a URI has none at all
+        for (element, value) in [
+            ("language", "\u{a0}it"),
+            ("language", "it\u{a0}\u{a0}IT"),
+            ("language", "it "),
+            ("implicitRules", "http://example.org/a\u{a0}b"),
+            ("implicitRules", "http://example.org/a b"),
+        ] {
+            let p = json!({"resourceType": "Patient", element: value});
+            let issues = v.validate(&p);
+            assert!(
+                paths(&issues).contains(&format!("Patient.{element}").as_str()),
+                "{value:?}: {issues:?}"
+            );
+            assert!(
+                issues
+                    .iter()
+                    .all(|i| !i.diagnostics.contains("not a valid FHIR string")),
+                "{issues:?}"
+            );
+        }
     }
 
     #[test]

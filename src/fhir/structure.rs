@@ -21,6 +21,8 @@ pub struct ElementDef {
     pub name: String,
     pub choice: bool,
     pub min: u32,
+    /// `isSummary` in the base definition: part of what `_summary=true` returns.
+    pub summary: bool,
     pub types: Vec<String>,
     pub binding: Option<String>,
     /// Path of the element whose children this one reuses (`#Observation.referenceRange`).
@@ -136,6 +138,7 @@ impl StructureDefinition {
                     name,
                     choice,
                     min: el["min"].as_u64().unwrap_or(0) as u32,
+                    summary: el["isSummary"].as_bool().unwrap_or(false),
                     types,
                     binding,
                     content_reference,
@@ -154,6 +157,26 @@ impl StructureDefinition {
 
     pub fn children(&self, path: &str) -> &[ElementDef] {
         self.children.get(path).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// The elements at the root of the type (`Patient.name`, `Patient.birthDate`, …).
+    pub fn top_level(&self) -> &[ElementDef] {
+        self.children(&self.type_name)
+    }
+
+    /// The root elements `_summary=true` returns: those the base definition marks `isSummary`.
+    pub fn summary_elements(&self) -> impl Iterator<Item = &ElementDef> {
+        self.top_level().iter().filter(|e| e.summary)
+    }
+
+    /// The element a JSON key of an object at `parent` stands for: `valueQuantity` is
+    /// `Observation.value[x]`, and `_birthDate` (a primitive's id and extensions) is `birthDate`.
+    pub fn element_of_key(&self, parent: &str, key: &str) -> Option<&ElementDef> {
+        self.children(parent).iter().find(|e| {
+            e.keys
+                .iter()
+                .any(|k| k.key == key || k.extension_key == key)
+        })
     }
 }
 
@@ -454,5 +477,63 @@ impl Walker<'_> {
             ),
             Some(expr.to_string()),
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::fhir::Definitions;
+
+    #[test]
+    fn summary_flags_come_from_the_base_definitions() {
+        let defs = &Definitions::get().structures;
+        let patient = defs.get("Patient").expect("Patient is loaded");
+        let summary: Vec<&str> = patient
+            .summary_elements()
+            .map(|e| e.name.as_str())
+            .collect();
+        for name in [
+            "id",
+            "meta",
+            "identifier",
+            "name",
+            "gender",
+            "birthDate",
+            "address",
+        ] {
+            assert!(summary.contains(&name), "{name} is summary: {summary:?}");
+        }
+        for name in ["text", "contained", "extension", "contact", "photo"] {
+            assert!(!summary.contains(&name), "{name} is not summary");
+        }
+        // inside a backbone element too: Observation.component.code is, .interpretation is not
+        let obs = defs.get("Observation").unwrap();
+        let component: Vec<(&str, bool)> = obs
+            .children("Observation.component")
+            .iter()
+            .map(|e| (e.name.as_str(), e.summary))
+            .collect();
+        assert!(component.contains(&("code", true)), "{component:?}");
+        assert!(
+            component.contains(&("interpretation", false)),
+            "{component:?}"
+        );
+        assert_eq!(
+            obs.element_of_key("Observation", "valueQuantity")
+                .map(|e| e.path.as_str()),
+            Some("Observation.value[x]")
+        );
+        assert_eq!(
+            patient
+                .element_of_key("Patient", "_birthDate")
+                .map(|e| e.name.as_str()),
+            Some("birthDate")
+        );
+        // the read-only conformance types are there for `_summary` too
+        let sd = defs
+            .get("StructureDefinition")
+            .expect("StructureDefinition");
+        assert!(sd.summary_elements().any(|e| e.name == "url"));
+        assert!(!sd.summary_elements().any(|e| e.name == "snapshot"));
     }
 }

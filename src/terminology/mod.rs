@@ -1,7 +1,9 @@
 //! Sentinella's own terminology: the CodeSystems, ValueSets and ConceptMaps of `terminology/`
 //! (embedded in the binary; the folder is the source) and the EUCAST breakpoint tables.
 pub mod breakpoints;
+pub mod codesystems;
 pub mod icd9;
+pub mod operations;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;
