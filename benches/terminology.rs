@@ -13,6 +13,9 @@
 //! 2. **In process, through the router** (`sentinella::server::build_app` on a temporary SQLite
 //!    file, `tower::ServiceExt::oneshot`: every middleware — trace, XML, authentication, rate
 //!    limit, policy, audit — but no sockets), one request at a time: the server's CPU per request.
+//!    Then where it goes: the same request through routers that add the server's layers one at a
+//!    time (handler alone, + audit trail, + policy, + rate limit, + XML, + body timeout / catch-panic
+//!    / trace, then the server's own router), each step's added µs.
 //! 3. **Over HTTP with wrk** against the server binary of this build (`cargo bench` builds it in
 //!    the release profile), started in development mode (no token) on a free loopback port with a
 //!    temporary SQLite file: `wrk -t2 -c32 -d15s --latency <url>` per URL (`SENTINELLA_BENCH_WRK_*`
@@ -137,14 +140,28 @@ fn in_process(iter: u64) -> Result<()> {
     ensure!(reg.translate(&translate)?.result, "MEM-I maps to LOINC");
     println!("\n| operation (in process, no HTTP) | ns/call |\n|---|---|");
     let validate_rows: [(&str, &str, &str); 4] = [
-        ("$validate-code, class V (704 codes), member", &class5, "088.81"),
+        (
+            "$validate-code, class V (704 codes), member",
+            &class5,
+            "088.81",
+        ),
         ("$validate-code, class V, not a member", &class5, "003.0"),
-        ("$validate-code, ICD-9-CM?fhir_vs (17,732), member", &whole, "041.3"),
-        ("$validate-code, ICD-9-CM?fhir_vs, unknown code", &whole, "041.99"),
+        (
+            "$validate-code, ICD-9-CM?fhir_vs (17,732), member",
+            &whole,
+            "041.3",
+        ),
+        (
+            "$validate-code, ICD-9-CM?fhir_vs, unknown code",
+            &whole,
+            "041.99",
+        ),
     ];
     for (label, url, code) in validate_rows {
         let input = validate_in(url, code);
-        let ns = time(iter, || reg.validate_code(&input).map(|v| v.to_parameters()));
+        let ns = time(iter, || {
+            reg.validate_code(&input).map(|v| v.to_parameters())
+        });
         println!("| {label} (with its Parameters) | {ns:.0} |");
     }
     let ns = time(iter / 10, || reg.expand(&page));
@@ -155,7 +172,9 @@ fn in_process(iter: u64) -> Result<()> {
     println!("| $lookup ICD-9-CM 011.93 (all properties) | {ns:.0} |");
     let ns = time(iter, || reg.subsumes(&subsumes));
     println!("| $subsumes 010-018 / 011.93 | {ns:.0} |");
-    let ns = time(iter, || reg.translate(&translate).map(|t| t.to_parameters()));
+    let ns = time(iter, || {
+        reg.translate(&translate).map(|t| t.to_parameters())
+    });
     println!("| $translate Niguarda MEM-I (every map) | {ns:.0} |");
     Ok(())
 }
@@ -190,7 +209,9 @@ async fn router_in_process(iter: u64) -> Result<()> {
     ));
     let config = sentinella::config::Config::with_database(format!("sqlite://{}", path.display()));
     let app = sentinella::server::build_app(config).await?;
-    println!("\n| request (in process, through the router and every middleware) | µs/request | requests/s on one core |\n|---|---|---|");
+    println!(
+        "\n| request (in process, through the router and every middleware) | µs/request | requests/s on one core |\n|---|---|---|"
+    );
     for (label, url, expected) in urls() {
         let call = || async {
             let req = Request::get(format!("/fhir{url}"))
@@ -204,10 +225,7 @@ async fn router_in_process(iter: u64) -> Result<()> {
         let (status, bytes) = call().await;
         ensure!(status == StatusCode::OK, "{url}: {status}");
         let v: Value = serde_json::from_slice(&bytes)?;
-        ensure!(
-            v["parameter"][0]["valueBoolean"] == expected,
-            "{url}: {v}"
-        );
+        ensure!(v["parameter"][0]["valueBoolean"] == expected, "{url}: {v}");
         for _ in 0..iter / 10 {
             black_box(call().await);
         }
@@ -219,6 +237,140 @@ async fn router_in_process(iter: u64) -> Result<()> {
         println!("| {label} | {us:.1} | {:.0} |", 1e6 / us);
     }
     drop(app);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    Ok(())
+}
+
+/// Where the router's time goes: the same request through routers that add the server's layers one
+/// at a time (the order and kind of `sentinella::api::router`), then through the server's own
+/// router. `authenticate` is private to the server: a layer that sets the development-mode caller
+/// stands in for it, so its cost shows in the last step together with the full route table.
+async fn middleware_attribution(iter: u64) -> Result<()> {
+    use std::sync::Arc;
+
+    use axum::Router;
+    use axum::extract::Request as AxRequest;
+    use axum::middleware::{Next, from_fn, from_fn_with_state};
+    use axum::routing::get;
+    use sentinella::api::{AppState, Caller, audit_trail, policy, rate_limit, terminology, xml};
+    use sentinella::auth::{Access, Principal};
+
+    let path = std::env::temp_dir().join(format!(
+        "sentinella-terminology-layers-{}.db",
+        uuid::Uuid::new_v4().simple()
+    ));
+    let config = sentinella::config::Config::with_database(format!("sqlite://{}", path.display()));
+    let store = sentinella::store::connect(&config.database).await?;
+    let access = Arc::new(Access::development());
+    let dispatcher = Arc::new(sentinella::subscriptions::dispatch::Dispatcher::new(
+        access.clone(),
+        false,
+    ));
+    let engine = Arc::new(
+        sentinella::surveillance::Engine::new(None, dispatcher).map_err(anyhow::Error::msg)?,
+    );
+    let state = AppState {
+        store: store.clone(),
+        config: Arc::new(config.clone()),
+        engine,
+        access,
+        writes: sentinella::api::write_task::WriteSlots::new(config.max_writes_in_flight),
+        audit: sentinella::audit::AuditLog::start(store, None),
+        rate_limits: rate_limit::RateLimits::new(config.rate_limit_per_second),
+    };
+    async fn development_caller(mut req: AxRequest, next: Next) -> axum::response::Response {
+        req.extensions_mut()
+            .insert(Caller(Arc::new(Principal::development())));
+        next.run(req).await
+    }
+    const ROUTE: &str = "/ValueSet/{id}/$validate-code";
+    let handler = || {
+        Router::new().route(
+            ROUTE,
+            get(terminology::validate_code_instance).post(terminology::validate_code_instance),
+        )
+    };
+    let audited = || handler().route_layer(from_fn_with_state(state.clone(), audit_trail::record));
+    let authorized = || audited().route_layer(from_fn_with_state(state.clone(), policy::authorize));
+    let nest = |inner: Router<AppState>| Router::new().nest("/fhir", inner);
+    let limited = || {
+        nest(authorized())
+            .layer(from_fn_with_state(state.clone(), rate_limit::limit))
+            .layer(from_fn(development_caller))
+    };
+    let with_xml = || limited().layer(from_fn(xml::respond_in_xml_when_asked));
+    let outer = || {
+        with_xml()
+            .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+                Duration::from_secs(30),
+            ))
+            .layer(tower_http::catch_panic::CatchPanicLayer::new())
+            .layer(tower_http::trace::TraceLayer::new_for_http())
+    };
+    let variants: Vec<(&str, Router)> = vec![
+        (
+            "handler alone (routing, extractors, operation, JSON)",
+            nest(handler()).with_state(state.clone()),
+        ),
+        (
+            "+ audit_trail::record (route layer)",
+            nest(audited())
+                .layer(from_fn(development_caller))
+                .with_state(state.clone()),
+        ),
+        (
+            "+ policy::authorize (route layer)",
+            nest(authorized())
+                .layer(from_fn(development_caller))
+                .with_state(state.clone()),
+        ),
+        ("+ rate_limit::limit", limited().with_state(state.clone())),
+        (
+            "+ xml::respond_in_xml_when_asked",
+            with_xml().with_state(state.clone()),
+        ),
+        (
+            "+ body timeout, catch-panic, trace",
+            outer().with_state(state.clone()),
+        ),
+        (
+            "the server's router (authenticate, every route)",
+            sentinella::server::build_app(config.clone()).await?,
+        ),
+    ];
+    let url = "/fhir/ValueSet/dm1990-classe-5/$validate-code?system=http%3A%2F%2Fhl7.org%2Ffhir%2Fsid%2Ficd-9-cm&code=088.81";
+    println!("\n| router (in process, {url}) | µs/request | added by the step |\n|---|---|---|");
+    let mut before = None;
+    for (label, app) in variants {
+        let call = || async {
+            let req = Request::get(url).body(Body::empty()).expect("request");
+            let resp = app.clone().oneshot(req).await.expect("router answers");
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+            (status, bytes)
+        };
+        let (status, bytes) = call().await;
+        ensure!(status == StatusCode::OK, "{label}: {status}");
+        ensure!(
+            serde_json::from_slice::<Value>(&bytes)?["parameter"][0]["valueBoolean"] == true,
+            "{label}"
+        );
+        for _ in 0..iter / 10 {
+            black_box(call().await);
+        }
+        let t = Instant::now();
+        for _ in 0..iter {
+            black_box(call().await);
+        }
+        let us = t.elapsed().as_secs_f64() * 1e6 / iter as f64;
+        let added = before
+            .map(|b: f64| format!("{:+.1}", us - b))
+            .unwrap_or_default();
+        println!("| {label} | {us:.1} | {added} |");
+        before = Some(us);
+    }
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }
@@ -414,5 +566,6 @@ async fn main() -> Result<()> {
     let iter = env_num("SENTINELLA_BENCH_ITER", 200_000).max(100);
     in_process(iter)?;
     router_in_process((iter / 10).max(100)).await?;
+    middleware_attribution((iter / 10).max(100)).await?;
     over_http().await
 }

@@ -98,6 +98,11 @@ pub async fn build_app(config: Config) -> anyhow::Result<Router> {
             "R4 invariants: checked, and outside the supported FHIRPath subset"
         );
         SchemaValidators::get().warm_up();
+        // the expanded value sets and concept maps of the terminology operations, and the
+        // conformance resources served read-only
+        crate::terminology::operations::warm_up();
+        let served = crate::conformance::Conformance::get().counts();
+        tracing::info!(?served, "conformance resources served");
     })
     .await
     .expect("warm-up does not panic");

@@ -440,12 +440,40 @@ async fn expand_a_value_set_by_id_and_by_url() {
         .await;
     assert_ok(&by_url);
     assert_eq!(codes(&by_url.body), codes(&by_id.body));
+    // a version in the canonical or as valueSetVersion: the one the server has, or 404
+    let versioned = format!("{}|1.0.0", canon("ValueSet/klebsiella-pneumoniae"));
+    let r = app
+        .get(&format!(
+            "/fhir/ValueSet/$expand?{}",
+            q(&[("url", &versioned)])
+        ))
+        .await;
+    assert_ok(&r);
+    let r = app
+        .get("/fhir/ValueSet/klebsiella-pneumoniae/$expand?valueSetVersion=2.0.0")
+        .await;
+    assert_outcome(
+        &r,
+        StatusCode::NOT_FOUND,
+        "not-found",
+        Some("valueSetVersion"),
+    );
     // an R4 value set of the packaged definitions
     let gender = app
         .get("/fhir/ValueSet/$expand?url=http://hl7.org/fhir/ValueSet/administrative-gender")
         .await;
     assert_ok(&gender);
     assert_eq!(codes(&gender.body), ["male", "female", "other", "unknown"]);
+    // the packaged R4 code systems keep codes only: no display is made up
+    assert!(
+        gender.body["expansion"]["contains"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c.get("display").is_none()),
+        "{}",
+        gender.text
+    );
     // unknown ValueSets
     let r = app.get("/fhir/ValueSet/no-such/$expand").await;
     assert_outcome(&r, StatusCode::NOT_FOUND, "not-found", None);
@@ -639,6 +667,20 @@ async fn validate_code_in_a_dm1990_class_get_and_post() {
             .unwrap()
             .starts_with("Pulmonary tuberculosis")
     );
+    // POST without a body: the parameters in the query
+    let r = app
+        .request(
+            Method::POST,
+            &format!(
+                "/fhir/ValueSet/dm1990-classe-3/$validate-code?{}",
+                q(&[("system", ICD9), ("code", "011.93")])
+            ),
+            &[],
+            None,
+        )
+        .await;
+    assert_ok(&r);
+    assert_eq!(param(&r.body, "result")["valueBoolean"], true);
     // type level with url; a Coding in a Parameters body
     let r = app
         .post(

@@ -1035,26 +1035,29 @@ impl<'a> Registry<'a> {
         }
     }
 
+    /// The display of a member: in the language asked for when a designation has it, else the
+    /// one the value set gives, else the code system's (`None`: the source has none — the packaged
+    /// R4 code systems keep codes only).
     fn resolved_display<'r>(
         &'r self,
         r: &'r Resolved<'_>,
         s: u32,
         c: u32,
         language: Option<&str>,
-    ) -> &'r str {
+    ) -> Option<&'r str> {
         let concept = self.cs.system(s).concept(c);
         if language.is_some() {
             let d = concept.display_in(language);
-            if concept.display.as_deref() != Some(d) {
-                return d;
+            if concept.display.as_deref() != Some(d) && d != concept.code {
+                return Some(d);
             }
         }
         if let Resolved::Explicit(_, m) = r
             && let Some(d) = m.displays.get(&(s, c))
         {
-            return d;
+            return Some(d);
         }
-        concept.display_in(None)
+        concept.display.as_deref()
     }
 
     // --- $lookup ---------------------------------------------------------------------------------
@@ -1068,7 +1071,13 @@ impl<'a> Registry<'a> {
                     "give either code (with system) or coding, not both",
                 ));
             }
-            (Some(c), None) => c.clone(),
+            (Some(c), None) => {
+                let mut c = c.clone();
+                if c.version.is_none() {
+                    c.version = input.version.clone();
+                }
+                c
+            }
             (None, Some(code)) => CodingIn::from_parts(
                 input.system.as_deref(),
                 Some(code),
@@ -1430,10 +1439,9 @@ impl<'a> Registry<'a> {
             e.insert("version".into(), json!(v));
         }
         e.insert("code".into(), json!(concept.code));
-        e.insert(
-            "display".into(),
-            json!(self.resolved_display(vs, s, c, lang)),
-        );
+        if let Some(d) = self.resolved_display(vs, s, c, lang) {
+            e.insert("display".into(), json!(d));
+        }
         if input.include_designations && !concept.designations.is_empty() {
             let ds: Vec<Value> = concept
                 .designations
@@ -1603,38 +1611,43 @@ impl<'a> Registry<'a> {
             )));
         };
         let concept = sys.concept(ci);
-        let display = self.resolved_display(vs, si, ci, lang).to_string();
+        let display = self.resolved_display(vs, si, ci, lang).map(String::from);
+        let named = match &display {
+            Some(d) => format!("'{code}' ({d})"),
+            None => format!("'{code}'"),
+        };
         if !self.resolved_contains(vs, si, ci) {
             return Ok(Validation {
                 result: false,
                 message: Some(format!(
-                    "The code '{code}' of '{system}' ({display}) is not in the value set {}",
+                    "The code {named} of '{system}' is not in the value set {}",
                     self.resolved_canonical(vs)
                 )),
-                display: Some(display),
+                display,
             });
         }
         if concept.is_abstract && !abstract_ok {
             return Ok(Validation {
                 result: false,
                 message: Some(format!(
-                    "'{code}' ({display}) is a grouping concept of {} (notSelectable), not a code to record; abstract=true accepts it where grouping codes are allowed",
+                    "{named} is a grouping concept of {} (notSelectable), not a code to record; abstract=true accepts it where grouping codes are allowed",
                     sys.name
                 )),
-                display: Some(display),
+                display,
             });
         }
         let message = match coding.display.as_deref() {
             None => None,
-            Some(given) => match display_ok(vs, concept, given, &display) {
+            Some(given) => match display_ok(vs, concept, given, display.as_deref()) {
                 Some(true) => None,
                 Some(false) => {
                     return Ok(Validation {
                         result: false,
                         message: Some(format!(
-                            "The display \"{given}\" is incorrect for '{code}' of '{system}': expected \"{display}\""
+                            "The display \"{given}\" is incorrect for '{code}' of '{system}': expected \"{}\"",
+                            display.as_deref().unwrap_or_default()
                         )),
-                        display: Some(display),
+                        display,
                     });
                 }
                 None => Some(format!(
@@ -1646,7 +1659,7 @@ impl<'a> Registry<'a> {
         Ok(Validation {
             result: true,
             message,
-            display: Some(display),
+            display,
         })
     }
 
@@ -1940,14 +1953,19 @@ fn no(message: String) -> Validation {
 
 /// Does a given display name the concept? Its display in the code system, a designation, or the
 /// display the value set gives it all count.
-fn display_ok(vs: &Resolved<'_>, concept: &Concept, given: &str, in_set: &str) -> Option<bool> {
+fn display_ok(
+    vs: &Resolved<'_>,
+    concept: &Concept,
+    given: &str,
+    in_set: Option<&str>,
+) -> Option<bool> {
     let norm = |s: &str| {
         s.split_whitespace()
             .collect::<Vec<_>>()
             .join(" ")
             .to_lowercase()
     };
-    if matches!(vs, Resolved::Explicit(..)) && norm(in_set) == norm(given) {
+    if matches!(vs, Resolved::Explicit(..)) && in_set.is_some_and(|d| norm(d) == norm(given)) {
         return Some(true);
     }
     concept.accepts_display(given)
