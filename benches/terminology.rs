@@ -277,8 +277,9 @@ async fn middleware_attribution(iter: u64) -> Result<()> {
         engine,
         access,
         writes: sentinella::api::write_task::WriteSlots::new(config.max_writes_in_flight),
-        audit: sentinella::audit::AuditLog::start(store, None),
+        audit: sentinella::audit::AuditLog::start(store.clone(), None),
         rate_limits: rate_limit::RateLimits::new(config.rate_limit_per_second),
+        readiness: sentinella::api::health::Readiness::writes_only(store),
     };
     async fn development_caller(mut req: AxRequest, next: Next) -> axum::response::Response {
         req.extensions_mut()

@@ -18,6 +18,17 @@ pub struct Cli {
 pub enum Command {
     /// Run the FHIR server.
     Serve(Config),
+    /// Check FHIR resources, Bundles and NDJSON files offline with the server's own checks.
+    Validate(crate::cli::validate::Args),
+    /// Load FHIR NDJSON or Bundles into the database through the server's write path (resumable).
+    Import(crate::cli::import::Args),
+    /// Rebuild the search indexes of stored resources (online, resumable).
+    Reindex(crate::cli::reindex::Args),
+    /// Apply the database migrations and exit.
+    Migrate(crate::cli::migrate::Args),
+    /// Access files: check one and explain what it grants.
+    #[command(subcommand)]
+    Config(crate::cli::config_check::ConfigCommand),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -8,12 +8,14 @@
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod conformance;
 pub mod error;
 pub mod fhir;
 pub mod italy;
 pub mod measures;
+pub mod observability;
 pub mod server;
 pub mod store;
 pub mod subscriptions;

@@ -19,6 +19,12 @@ use crate::terminology::Terminology;
 
 /// Open the database (running migrations), load the rules and build the application router.
 pub async fn build_app(config: Config) -> anyhow::Result<Router> {
+    Ok(router(build_state(config).await?))
+}
+
+/// Everything the router serves from: the database, the rules, the background tasks (delivery,
+/// audit, summaries) started.
+pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
     let store = store::connect(&config.database).await?;
     let access = Arc::new(match &config.access_file {
         Some(path) => {
@@ -82,7 +88,12 @@ pub async fn build_app(config: Config) -> anyhow::Result<Router> {
             Duration::from_secs(config.summary_every_minutes.saturating_mul(60)),
         );
     }
-    tokio::spawn(worker.run());
+    let readiness = crate::api::health::Readiness::new(
+        store.clone(),
+        worker.heartbeat(),
+        tokio::spawn(worker.clone().run()),
+        worker.beat_interval(),
+    );
     tracing::info!(
         case_definition = %engine.definition.canonical(),
         eucast = %engine.breakpoints.version,
@@ -108,7 +119,7 @@ pub async fn build_app(config: Config) -> anyhow::Result<Router> {
     .expect("warm-up does not panic");
     let config_writes = config.max_writes_in_flight;
     let config_rate = config.rate_limit_per_second;
-    Ok(router(AppState {
+    Ok(AppState {
         store,
         config: Arc::new(config),
         engine,
@@ -116,7 +127,8 @@ pub async fn build_app(config: Config) -> anyhow::Result<Router> {
         writes: crate::api::write_task::WriteSlots::new(config_writes),
         audit,
         rate_limits: crate::api::rate_limit::RateLimits::new(config_rate),
-    }))
+        readiness,
+    })
 }
 
 /// Serve until SIGINT or SIGTERM; in-flight requests finish before the process exits.

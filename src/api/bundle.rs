@@ -301,6 +301,8 @@ struct Done {
     written: Option<Written>,
     location: bool,
     warnings: Vec<Issue>,
+    /// A DELETE that removed a resource (deleting what is absent writes nothing).
+    deleted: bool,
 }
 
 /// Run one entry (after ids are assigned and references resolved).
@@ -312,6 +314,7 @@ async fn execute(tx: &mut WriteTx, e: &mut Entry) -> ApiResult<Done> {
             written,
             location,
             warnings,
+            deleted: false,
         })
     };
     match e.method {
@@ -363,10 +366,15 @@ async fn execute(tx: &mut WriteTx, e: &mut Entry) -> ApiResult<Done> {
                 (None, Some(q)) => conditional_match(tx, &e.rt, q).await?,
                 (None, None) => None,
             };
+            let mut deleted = false;
             if let Some(id) = id {
-                interactions::delete(tx, &e.rt, &id, e.if_match).await?;
+                deleted = interactions::delete(tx, &e.rt, &id, e.if_match)
+                    .await?
+                    .is_some();
             }
-            done("204 No Content", None, false)
+            let mut d = done("204 No Content", None, false)?;
+            d.deleted = deleted;
+            Ok(d)
         }
         Method::Get => {
             let id = e.id.as_deref().ok_or_else(|| {
@@ -613,6 +621,12 @@ async fn transaction(
         results[i] = Some(d);
     }
     let notes = tx.commit().await?;
+    for (e, d) in entries.iter().zip(&results) {
+        if let Some(d) = d {
+            count_written(e, d);
+        }
+    }
+    crate::observability::metrics::bundle_written("transaction");
     Ok(Outcome::Transaction(
         results
             .into_iter()
@@ -650,10 +664,26 @@ async fn batch(state: &AppState, caller: &Caller, live: &Liveness, raw: Vec<Valu
                     .await
                     .map_err(|err| at_entry(i, err))?;
                 let notes = tx.commit().await?;
+                count_written(&e, &d);
                 Ok(with_notes(d, &notes))
             }
             .await,
         );
     }
+    crate::observability::metrics::bundle_written("batch");
     Outcome::Batch(out)
+}
+
+/// Count a committed entry's write: a POST that matched an existing resource and a GET wrote
+/// nothing; a PUT that created counts as a create.
+fn count_written(e: &Entry, d: &Done) {
+    let created = d.written.as_ref().is_some_and(|w| w.created);
+    let interaction = match e.method {
+        Method::Post if created => "create",
+        Method::Put if created => "create",
+        Method::Put => "update",
+        Method::Delete if d.deleted => "delete",
+        Method::Post | Method::Delete | Method::Get => return,
+    };
+    crate::observability::metrics::resources_written(&e.rt, interaction, 1);
 }

@@ -66,6 +66,16 @@ pub(super) fn with_notes(
     warnings
 }
 
+/// Count a committed write (`interaction`, or `create` when it created the resource).
+pub(super) fn count_written(written: &Written, interaction: &'static str) {
+    let interaction = if written.created {
+        "create"
+    } else {
+        interaction
+    };
+    crate::observability::metrics::resources_written(&written.stored.resource_type, interaction, 1);
+}
+
 pub(super) fn write_response(
     written: &Written,
     prefer: Prefer,
@@ -115,6 +125,10 @@ pub async fn create(
             Ok((written, notes))
         })
         .await?;
+    // a conditional create that matched wrote nothing
+    if written.created {
+        count_written(&written, "create");
+    }
     let warnings = with_notes(warnings, &notes, &written);
     let location = written.created;
     Ok(write_response(&written, prefer, &base, location, &warnings))
@@ -258,6 +272,7 @@ pub async fn update(
             Ok((written, notes))
         })
         .await?;
+    count_written(&written, "update");
     let warnings = with_notes(warnings, &notes, &written);
     Ok(write_response(&written, prefer, &base, true, &warnings))
 }
@@ -274,6 +289,7 @@ pub async fn delete(
     super::require_type(&rt)?;
     let expected = if_match(&headers)?;
     let st = state.clone();
+    let counted = rt.clone();
     let deleted = state
         .writes
         .run(|live| async move {
@@ -283,6 +299,12 @@ pub async fn delete(
             Ok(deleted)
         })
         .await?;
+    // deleting what is not there (or is deleted already) writes nothing
+    crate::observability::metrics::resources_written(
+        &counted,
+        "delete",
+        u64::from(deleted.is_some()),
+    );
     let mut r = Response::new(axum::body::Body::empty());
     *r.status_mut() = StatusCode::NO_CONTENT;
     if let Some(d) = deleted
@@ -344,6 +366,7 @@ pub async fn conditional_update(
             Ok((written, notes))
         })
         .await?;
+    count_written(&written, "update");
     let warnings = with_notes(warnings, &notes, &written);
     Ok(write_response(&written, prefer, &base, true, &warnings))
 }
@@ -360,16 +383,24 @@ pub async fn conditional_delete(
     super::require_type(&rt)?;
     let q = query.unwrap_or_default();
     let st = state.clone();
-    state
+    let counted = rt.clone();
+    let deleted = state
         .writes
         .run(|live| async move {
             let mut tx = st.begin(&caller, &live).await?;
+            let mut deleted = None;
             if let Some(id) = interactions::conditional_match(&mut tx, &rt, &q).await? {
-                interactions::delete(&mut tx, &rt, &id, None).await?;
+                deleted = interactions::delete(&mut tx, &rt, &id, None).await?;
             }
-            tx.commit().await
+            tx.commit().await?;
+            Ok(deleted)
         })
         .await?;
+    crate::observability::metrics::resources_written(
+        &counted,
+        "delete",
+        u64::from(deleted.is_some()),
+    );
     let mut r = Response::new(axum::body::Body::empty());
     *r.status_mut() = StatusCode::NO_CONTENT;
     Ok(r)

@@ -3,11 +3,14 @@ pub mod audit_trail;
 pub mod bundle;
 pub mod conformance;
 pub mod crud;
+pub mod dashboard;
 pub mod format;
+pub mod health;
 pub mod history;
 pub mod interactions;
 pub mod measure;
 pub mod metadata;
+pub mod metrics;
 pub mod parameters;
 pub mod patch;
 pub mod policy;
@@ -49,6 +52,8 @@ pub struct AppState {
     pub audit: crate::audit::AuditLog,
     /// Each client's request rate.
     pub rate_limits: rate_limit::RateLimits,
+    /// What `/readyz` checks: a probe write and the delivery worker.
+    pub readiness: Arc<health::Readiness>,
 }
 
 impl AppState {
@@ -114,7 +119,14 @@ async fn authenticate(
         .unwrap_or(&path)
         .trim_matches('/');
     // the OAuth endpoints are how a client gets a token
-    if rest == "metadata" || path == token::TOKEN_PATH || rest == ".well-known/smart-configuration"
+    if rest == "metadata"
+        || path == token::TOKEN_PATH
+        || rest == ".well-known/smart-configuration"
+        || path == "/healthz"
+        || path == "/readyz"
+        // the dashboard authenticates itself (bearer or its own session cookie: `dashboard::session`)
+        || path == "/dashboard"
+        || path.starts_with("/dashboard/")
     {
         return next.run(req).await;
     }
@@ -330,6 +342,13 @@ pub fn router(state: AppState) -> Router {
             "/fhir/.well-known/smart-configuration",
             get(token::smart_configuration),
         )
+        // process health, for probes: no token (see `authenticate`)
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        // Prometheus metrics: monitoring clients and admins (see `policy::authorize_metrics`)
+        .route("/metrics", metrics::route())
+        // D: routes
+        .merge(dashboard::routes())
         .fallback(not_found)
         // once the client is known: its rate, then (outer) who it is
         .layer(axum::middleware::from_fn_with_state(
@@ -347,5 +366,7 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(CatchPanicLayer::custom(panic_answer))
         .layer(TraceLayer::new_for_http())
+        // outermost: counts every answer, a refusal or a panic included
+        .layer(axum::middleware::from_fn(metrics::record))
         .with_state(state)
 }

@@ -300,6 +300,7 @@ pub async fn patch(
             Ok((written, warnings, notes))
         })
         .await?;
+    super::crud::count_written(&written, "patch");
     let warnings = with_notes(warnings, &notes, &written);
     Ok(write_response(&written, prefer, &base, true, &warnings))
 }

@@ -11,7 +11,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::{AppState, Caller};
-use crate::auth::Principal;
+use crate::auth::{Principal, Role};
 use crate::error::ApiError;
 
 const TERMINOLOGY_OPERATIONS: &[&str] = &[
@@ -133,6 +133,45 @@ pub async fn authorize(State(_): State<AppState>, req: Request, next: Next) -> R
         return refuse(&caller, &action).into_response();
     }
     next.run(Request::from_parts(parts, body)).await
+}
+
+/// May `caller` scrape `GET /metrics`? Monitoring clients and administrators (and development
+/// mode, where every request acts as one); the metrics name routes, rule sets and subscription
+/// ids, not patients, but they are still nobody else's business.
+pub fn may_scrape_metrics(caller: &Principal) -> bool {
+    caller.development || matches!(caller.role, Role::Monitoring | Role::Admin)
+}
+
+/// Middleware on the `/metrics` route (a `route_layer`, after `authenticate`).
+pub async fn authorize_metrics(req: Request, next: Next) -> Response {
+    let Some(Caller(caller)) = req.extensions().get::<Caller>().cloned() else {
+        return ApiError::Unauthorized("authentication required".into()).into_response();
+    };
+    if !may_scrape_metrics(&caller) {
+        return ApiError::Forbidden(format!(
+            "client '{}' ({:?}) may not read the server's metrics: the monitoring role may",
+            caller.id, caller.role
+        ))
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// May `caller` open `/dashboard`? It shows case counts and subscription state: the clients that
+/// read cases (regions, the ministry, administrators), never laboratories, EHRs or auditors.
+pub fn may_view_dashboard(caller: &Principal) -> bool {
+    use crate::auth::Role;
+    caller.development
+        || (matches!(caller.role, Role::Region | Role::Ministry | Role::Admin)
+            && caller.may_read("Communication"))
+}
+
+/// May `caller` filter the dashboard by `region`? A region client only by its own regions (its
+/// searches are limited to them anyway: this makes a foreign region a refusal, not an empty page).
+pub fn dashboard_region_allowed(caller: &Principal, region: &str) -> bool {
+    caller.development
+        || caller.role != crate::auth::Role::Region
+        || caller.regions.iter().any(|r| r == region)
 }
 
 fn refuse(caller: &Arc<Principal>, action: &Action) -> ApiError {

@@ -111,7 +111,7 @@ fn is_base_profile(url: &str, rt: &str) -> bool {
 }
 
 /// Every issue of one resource, as a write would find them, plus the warnings a write would carry.
-fn resource_issues(rt: &str, resource: &Value, profile: Option<&str>) -> Vec<Issue> {
+pub fn resource_issues(rt: &str, resource: &Value, profile: Option<&str>) -> Vec<Issue> {
     if rt == "Bundle" {
         return super::bundle::validation_issues(resource);
     }
@@ -173,7 +173,7 @@ fn dedup(issues: Vec<Issue>) -> Vec<Issue> {
 }
 
 /// The OperationOutcome of a validation: its issues, or one saying there are none.
-fn outcome(issues: &[Issue]) -> Value {
+pub fn outcome(issues: &[Issue]) -> Value {
     if issues.is_empty() {
         let ok = Issue {
             severity: Severity::Information,
@@ -209,7 +209,7 @@ async fn run_blocking(
     .map_err(|_| ApiError::Internal("validation failed".into()))?
 }
 
-fn validatable(rt: &str) -> ApiResult<()> {
+pub fn validatable(rt: &str) -> ApiResult<()> {
     if rt == "Bundle" || crate::fhir::is_served(rt) {
         Ok(())
     } else {

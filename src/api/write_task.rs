@@ -67,6 +67,7 @@ impl WriteSlots {
         let slot = self.0.clone().try_acquire_owned().map_err(|_| {
             ApiError::Unavailable("too many writes in progress: retry shortly".into())
         })?;
+        let running = crate::observability::metrics::WriteInProgress::enter();
         let gone = Arc::new(AtomicBool::new(false));
         let mut mark = GoneOnDrop {
             gone: gone.clone(),
@@ -76,6 +77,7 @@ impl WriteSlots {
         let task = tokio::spawn(async move {
             let answer = fut.await;
             drop(slot);
+            drop(running);
             answer
         });
         let answer = task.await;

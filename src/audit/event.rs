@@ -214,6 +214,7 @@ fn role_code(p: &Principal) -> &'static str {
         Role::Ministry => "ministry",
         Role::Admin => "admin",
         Role::Auditor => "auditor",
+        Role::Monitoring => "monitoring",
     }
 }
 

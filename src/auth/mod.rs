@@ -40,6 +40,8 @@ pub enum Role {
     Admin,
     /// Reads the audit trail (AuditEvent) and nothing else.
     Auditor,
+    /// Scrapes the server's metrics (`GET /metrics`); no FHIR data at all.
+    Monitoring,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -147,6 +149,7 @@ impl Principal {
             Role::Region => CASE_TYPES.contains(&rt),
             // answered above: the audit trail only
             Role::Auditor => false,
+            Role::Monitoring => false,
         }
     }
 
@@ -157,7 +160,7 @@ impl Principal {
         }
         match self.role {
             Role::Admin => true,
-            Role::Auditor => false,
+            Role::Auditor | Role::Monitoring => false,
             Role::Laboratory => !CASE_TYPES.contains(&rt),
             // doctors' notifications are Communications (the case ones are refused elsewhere)
             Role::Ehr => rt == "Communication" || !CASE_TYPES.contains(&rt),

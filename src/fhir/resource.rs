@@ -67,6 +67,25 @@ pub const MAX_COMMUNICATION_PARTS: usize = 200;
 /// Schema errors are a 400; the stricter StructureDefinition rules (cardinality, bindings) too, since
 /// they are base-specification rules, not profile rules.
 pub fn validate(resource: &Value) -> Result<(), ApiError> {
+    let checked = check(resource);
+    // counted here, where every write and `$validate` passes: by the issue types of the errors
+    if let Err(ApiError::Invalid { issues, .. }) = &checked {
+        crate::observability::metrics::validation_failed(
+            issues
+                .iter()
+                .filter(|i| {
+                    matches!(
+                        i.severity,
+                        crate::error::Severity::Error | crate::error::Severity::Fatal
+                    )
+                })
+                .map(|i| i.code),
+        );
+    }
+    checked
+}
+
+fn check(resource: &Value) -> Result<(), ApiError> {
     let rt = resource_type(resource)?;
     if !super::is_served(rt) {
         return Err(ApiError::NotFound(format!(

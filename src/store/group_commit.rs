@@ -119,6 +119,7 @@ struct Queued(Arc<AtomicUsize>);
 impl Queued {
     fn enter(counter: &Arc<AtomicUsize>) -> Queued {
         counter.fetch_add(1, Ordering::SeqCst);
+        crate::observability::metrics::writer_queue(1.0);
         Queued(counter.clone())
     }
 }
@@ -126,6 +127,7 @@ impl Queued {
 impl Drop for Queued {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+        crate::observability::metrics::writer_queue(-1.0);
     }
 }
 
@@ -195,6 +197,25 @@ async fn repair(s: &mut WriterState) {
     }
 }
 
+/// Nobody is queued for the writer: commit the open group if it has members, else end the empty
+/// outer transaction. Left open, an empty one would hold SQLite's write lock while the writer is
+/// idle, and every other process on the file (a second server, `sentinella import`, the
+/// `/readyz` of another process) would wait for it until the next write here.
+async fn settle(s: &mut WriterState) {
+    if !s.pending.is_empty() {
+        flush(s).await;
+    } else if s.outer_open && !s.savepoint_open {
+        match step(s, "ROLLBACK").await {
+            Ok(()) => {
+                s.outer_open = false;
+                s.group_since = None;
+            }
+            // what the connection holds is asked by the next holder of the writer
+            Err(_) => s.in_doubt = true,
+        }
+    }
+}
+
 /// Commit the outer transaction and tell every member of the group how it went, once the log is
 /// on disk (the sync runs outside the writer's turn).
 async fn flush(s: &mut WriterState) {
@@ -202,6 +223,7 @@ async fn flush(s: &mut WriterState) {
         return;
     }
     let started = Instant::now();
+    crate::observability::metrics::commit_group(s.pending.len());
     let result = step(s, "COMMIT").await.map_err(|e| e.to_string());
     tracing::debug!(
         members = s.pending.len(),
@@ -355,6 +377,9 @@ impl GroupTx {
         let s = &mut *guard;
         if let Err(e) = step(s, "RELEASE request").await {
             repair(s).await;
+            if writer.queued() == 0 {
+                settle(s).await;
+            }
             return Err(e.into());
         }
         s.savepoint_open = false;
@@ -400,8 +425,8 @@ impl Drop for GroupTx {
             let cleanup = async move {
                 let s = &mut *guard;
                 repair(s).await;
-                if waiting.load(Ordering::SeqCst) == 0 && !s.pending.is_empty() {
-                    flush(s).await;
+                if waiting.load(Ordering::SeqCst) == 0 {
+                    settle(s).await;
                 }
             };
             match tokio::runtime::Handle::try_current() {

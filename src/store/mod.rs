@@ -265,6 +265,18 @@ pub struct DeliveryState {
     pub lease_until: i64,
 }
 
+/// What one live subscription has not delivered yet (`Store::outbox_backlog`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxBacklog {
+    pub subscription_id: String,
+    pub topic: String,
+    pub status: String,
+    /// Events numbered and not acknowledged, plus events waiting to be numbered.
+    pub depth: i64,
+    /// µs since the epoch: when the oldest undelivered event occurred (`None`: nothing waits).
+    pub oldest_occurred_at: Option<i64>,
+}
+
 /// One outbox event: the `event_number`-th event of a subscription, about `focus`
 /// (`Communication/<id>/_history/<version>`).
 #[derive(Debug, Clone, PartialEq)]
@@ -319,6 +331,9 @@ pub trait Store: Send + Sync {
     ) -> StoreResult<Vec<EventRow>>;
     /// Is any subscription due for a handshake, an event, a heartbeat or its end at `now`?
     async fn subscriptions_due(&self, now: i64) -> StoreResult<bool>;
+    /// The undelivered events of the live subscriptions (requested, active, error), most waiting
+    /// first, at most `limit` of them; and how many live subscriptions there are (for metrics).
+    async fn outbox_backlog(&self, limit: i64) -> StoreResult<(Vec<OutboxBacklog>, i64)>;
     /// The standing cases of a query, counted by everything a summary stratifies by.
     async fn register_counts(&self, q: &RegisterQuery) -> StoreResult<Vec<(RegisterGroup, i64)>>;
     /// The months (`yyyymm`) a case was counted in, or moved out of, by a change after `since` (µs).
@@ -333,6 +348,16 @@ pub trait Store: Send + Sync {
     /// Wait until everything committed so far is durable (SQLite makes a commit visible a moment
     /// before its log sync; PostgreSQL only after). Whatever is sent out waits for this.
     async fn durable(&self);
+
+    /// Up to `limit` current (not deleted) resources whose `(type, id)` sorts after `after`, in
+    /// that order (the primary key): a job walking every resource in batches (`reindex`).
+    async fn current_after(
+        &self,
+        after: (&str, &str),
+        limit: i64,
+    ) -> StoreResult<Vec<StoredResource>>;
+    /// How many current (not deleted) resources there are (a full count: for progress reports).
+    async fn count_current(&self) -> StoreResult<i64>;
 }
 
 /// A database transaction: everything written through it commits together or not at all.
@@ -363,6 +388,9 @@ pub trait StoreTx: Send {
     }
     /// Send buffered writes to the database now (they are sent before any read and at commit anyway).
     async fn flush(&mut self) -> StoreResult<()>;
+    /// Replace the search index rows of `v`'s resource with `v.index`, only while `v.version_id`
+    /// is still its current version (else `false`: a newer write indexed it already).
+    async fn replace_index(&mut self, v: &NewVersion) -> StoreResult<bool>;
     /// Remove for good (versions, history and index rows) up to `limit` resources of a type whose
     /// current version was written before `before` (µs); returns how many went. Only for records
     /// the server keeps for a set time (the audit trail), never for clinical data.

@@ -13,8 +13,9 @@ use super::backend::index_rows;
 use super::query::{Bind, COLUMNS, SearchQuery, Sql, param_filter};
 use super::{
     Area, CaseKey, CaseRow, DeliveryState, EventRow, HistoryQuery, Hooks, IsolateState, NewVersion,
-    Note, RegisterGroup, RegisterQuery, RegisteredCase, SearchPage, SharedStore, Store, StoreError,
-    StoreResult, StoreTx, StoredResource, SubscriptionRow, Touched, hooks::run_before_commit,
+    Note, OutboxBacklog, RegisterGroup, RegisterQuery, RegisteredCase, SearchPage, SharedStore,
+    Store, StoreError, StoreResult, StoreTx, StoredResource, SubscriptionRow, Touched,
+    hooks::run_before_commit,
 };
 
 /// Open the database named by a URL (`sqlite://PATH`, `postgres://…`) and run its migrations.
@@ -353,6 +354,21 @@ macro_rules! sql_backend {
                      OR (heartbeat_secs IS NOT NULL AND last_sent_at + heartbeat_secs * 1000000 <= $1) \
                      OR (end_at IS NOT NULL AND end_at <= $1))";
 
+            /// Per live subscription: its undelivered events (numbered past `delivered_count`,
+            /// plus those still in the outbox) and when the first of them occurred. Only waiting
+            /// rows are counted, by primary key or the outbox index: delivered history is never read.
+            const OUTBOX_BACKLOG_SQL: &str = "SELECT s.id, s.topic, s.status, \
+                s.events_count - s.delivered_count \
+                  + (SELECT COUNT(*) FROM subscription_outbox o WHERE o.subscription_id = s.id) AS depth, \
+                COALESCE( \
+                  (SELECT e.occurred_at FROM subscription_events e \
+                   WHERE e.subscription_id = s.id AND e.event_number = s.delivered_count + 1), \
+                  (SELECT o.occurred_at FROM subscription_outbox o WHERE o.subscription_id = s.id ORDER BY o.seq LIMIT 1) \
+                ) AS oldest, \
+                COUNT(*) OVER () AS live \
+                FROM subscriptions s WHERE s.status IN ('requested', 'active', 'error') \
+                ORDER BY depth DESC, s.id LIMIT $1";
+
             async fn fetch(pool_or_conn: &sqlx::Pool<Db>, sql: Sql) -> StoreResult<Vec<StoredResource>> {
                 let rows = bind_all(sqlx::query(AssertSqlSafe(sql.text)), &sql.binds).fetch_all(pool_or_conn).await?;
                 rows.iter().map(stored).collect()
@@ -502,6 +518,27 @@ macro_rules! sql_backend {
                     Durable::durable(&self.writer).await
                 }
 
+                async fn current_after(&self, after: (&str, &str), limit: i64) -> StoreResult<Vec<StoredResource>> {
+                    // a row-value comparison on the primary key: each page is an index range scan
+                    let rows = sqlx::query(
+                        "SELECT resource_type, id, version_id, last_updated, deleted, body FROM resources \
+                         WHERE (resource_type, id) > ($1, $2) AND NOT deleted ORDER BY resource_type, id LIMIT $3",
+                    )
+                    .bind(after.0)
+                    .bind(after.1)
+                    .bind(limit)
+                    .fetch_all(&self.read)
+                    .await?;
+                    rows.iter().map(stored).collect()
+                }
+
+                async fn count_current(&self) -> StoreResult<i64> {
+                    let row = sqlx::query("SELECT COUNT(*) FROM resources WHERE NOT deleted")
+                        .fetch_one(&self.read)
+                        .await?;
+                    Ok(row.try_get(0)?)
+                }
+
                 async fn register_counts(&self, q: &RegisterQuery) -> StoreResult<Vec<(RegisterGroup, i64)>> {
                     let (filter, binds) = register_filter(q);
                     let text = format!(
@@ -573,6 +610,27 @@ macro_rules! sql_backend {
                     let sql = format!("SELECT id FROM subscriptions WHERE {DUE_SQL} LIMIT 1");
                     let row = sqlx::query(AssertSqlSafe(sql)).bind(now).fetch_optional(&self.read).await?;
                     Ok(row.is_some())
+                }
+
+                async fn outbox_backlog(&self, limit: i64) -> StoreResult<(Vec<OutboxBacklog>, i64)> {
+                    let rows = sqlx::query(OUTBOX_BACKLOG_SQL).bind(limit).fetch_all(&self.read).await?;
+                    let live = match rows.first() {
+                        Some(r) => r.try_get::<i64, _>("live")?,
+                        None => 0,
+                    };
+                    let backlog = rows
+                        .iter()
+                        .map(|r| {
+                            Ok(OutboxBacklog {
+                                subscription_id: r.try_get("id")?,
+                                topic: r.try_get("topic")?,
+                                status: r.try_get("status")?,
+                                depth: r.try_get("depth")?,
+                                oldest_occurred_at: r.try_get("oldest")?,
+                            })
+                        })
+                        .collect::<StoreResult<Vec<_>>>()?;
+                    Ok((backlog, live))
                 }
 
                 async fn references_of(&self, resource_type: &str, param: &str, ids: &[String]) -> StoreResult<Vec<String>> {
@@ -825,6 +883,27 @@ macro_rules! sql_backend {
 
                 async fn flush(&mut self) -> StoreResult<()> {
                     SqlTx::flush(self).await
+                }
+
+                async fn replace_index(&mut self, v: &NewVersion) -> StoreResult<bool> {
+                    self.flush().await?;
+                    let current = sqlx::query(
+                        "SELECT version_id FROM resources WHERE resource_type = $1 AND id = $2 AND NOT deleted",
+                    )
+                    .bind(&v.resource_type)
+                    .bind(&v.id)
+                    .fetch_optional(&mut *self.tx)
+                    .await?;
+                    if current.map(|r| r.try_get::<i64, _>(0)).transpose()? != Some(v.version_id) {
+                        return Ok(false);
+                    }
+                    sqlx::query("DELETE FROM search_index WHERE resource_type = $1 AND id = $2")
+                        .bind(&v.resource_type)
+                        .bind(&v.id)
+                        .execute(&mut *self.tx)
+                        .await?;
+                    crate::store::backend::$backend::insert_index(&mut *self.tx, &index_rows(std::slice::from_ref(v))).await?;
+                    Ok(true)
                 }
 
                 async fn commit_noting(mut self: Box<Self>) -> StoreResult<Vec<Note>> {

@@ -94,6 +94,26 @@ pub struct Worker {
     freed: Notify,
     /// Where deliveries of case data are recorded (none in tools that only deliver).
     audit: Option<crate::audit::AuditLog>,
+    /// When the delivery loop last went round (readiness reads it).
+    heartbeat: Heartbeat,
+}
+
+/// When the delivery loop last went round, in µs since the epoch: a loop that stopped (its task
+/// ended or hangs on the database) stops beating, and `/readyz` notices.
+#[derive(Clone, Default)]
+pub struct Heartbeat(Arc<std::sync::atomic::AtomicI64>);
+
+impl Heartbeat {
+    fn beat(&self) {
+        self.0
+            .store(now_micros(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long ago the loop last went round (`None`: it never has).
+    pub fn age(&self) -> Option<Duration> {
+        let last = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        (last > 0).then(|| Duration::from_micros(now_micros().saturating_sub(last).max(0) as u64))
+    }
 }
 
 /// How a delivery loop ended.
@@ -125,6 +145,7 @@ impl Worker {
             serving: Mutex::new(HashSet::new()),
             freed: Notify::new(),
             audit: None,
+            heartbeat: Heartbeat::default(),
         }
     }
 
@@ -167,11 +188,22 @@ impl Worker {
             .await;
     }
 
+    /// The loop's heartbeat, for readiness.
+    pub fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat.clone()
+    }
+
+    /// The longest a healthy loop goes between two beats: one poll, plus a round's database work.
+    pub fn beat_interval(&self) -> Duration {
+        self.settings.poll
+    }
+
     /// Run until the process ends.
     pub async fn run(self: Arc<Self>) {
         tracing::info!(worker = %self.name, base = %self.base, "subscription delivery started");
         let mut wake = self.wake.clone();
         loop {
+            self.heartbeat.beat();
             wake.mark_unchanged();
             if let Err(e) = self.clone().round().await {
                 tracing::warn!(error = %e, "subscription delivery round failed; retrying");
@@ -468,9 +500,17 @@ impl Worker {
 
     async fn send(&self, spec: &Spec, body: &Value) -> Result<(), super::channel::SendError> {
         let bytes = serde_json::to_vec(body).unwrap_or_default();
-        self.channels
+        let started = Instant::now();
+        let sent = self
+            .channels
             .send(&spec.channel, bytes, self.timeout(spec))
-            .await
+            .await;
+        crate::observability::metrics::delivery(
+            channel_label(&spec.channel),
+            sent.as_ref().err().map(failure_label),
+            started.elapsed(),
+        );
+        sent
     }
 
     /// Record the final progress and give the lease back.
@@ -566,6 +606,28 @@ impl Worker {
 
 /// An event with what its notification carries: for `full-resource` the focus version and the
 /// resources of the topic's notification shape (the patient).
+/// The channel as a metrics label.
+fn channel_label(channel: &super::spec::Channel) -> &'static str {
+    match channel {
+        super::spec::Channel::RestHook { .. } => "rest-hook",
+        super::spec::Channel::Nats { .. } => "nats",
+    }
+}
+
+/// Why a send failed, as a metrics label (a few fixed values: never the endpoint's own words).
+fn failure_label(e: &super::channel::SendError) -> &'static str {
+    use super::channel::SendError;
+    match e {
+        SendError::Status(code) if (400..500).contains(code) => "http-4xx",
+        SendError::Status(code) if (500..600).contains(code) => "http-5xx",
+        SendError::Status(_) => "http-other",
+        SendError::Http(e) if e.is_timeout() => "timeout",
+        SendError::Http(_) => "unreachable",
+        SendError::NoBroker => "no-broker",
+        SendError::Nats(_) => "nats",
+    }
+}
+
 pub async fn event_content(
     store: &dyn Store,
     spec: &Spec,

@@ -528,11 +528,11 @@ impl Engine {
             status,
             &format_instant(now_micros()),
         );
-        publish::publish(&self.dispatcher, tx, case_id, body).await
+        publish::publish(&self.dispatcher, tx, "cre", case_id, body).await
     }
 
     async fn withdraw(&self, tx: &mut dyn StoreTx, case_id: &str) -> StoreResult<()> {
-        publish::withdraw(&self.dispatcher, tx, case_id).await
+        publish::withdraw(&self.dispatcher, tx, "cre", case_id).await
     }
 }
 

@@ -24,6 +24,8 @@ pub enum Db {
 
 pub struct TestApp {
     pub router: Router,
+    /// What the router serves from (its store, its readiness, …).
+    pub state: sentinella::api::AppState,
     pub db: Db,
 }
 
@@ -68,11 +70,12 @@ impl TestApp {
         ));
         let mut config = Config::with_database(format!("sqlite://{}", path.display()));
         tune(&mut config);
-        let router = sentinella::server::build_app(config)
+        let state = sentinella::server::build_state(config)
             .await
             .expect("sqlite app starts");
         TestApp {
-            router,
+            router: sentinella::api::router(state.clone()),
+            state,
             db: Db::Sqlite(path),
         }
     }
@@ -94,11 +97,12 @@ impl TestApp {
             .expect("create db");
         let mut config = Config::with_database(format!("{admin}/{name}"));
         tune(&mut config);
-        let router = sentinella::server::build_app(config)
+        let state = sentinella::server::build_state(config)
             .await
             .expect("postgres app starts");
         TestApp {
-            router,
+            router: sentinella::api::router(state.clone()),
+            state,
             db: Db::Postgres(name),
         }
     }

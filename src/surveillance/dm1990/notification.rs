@@ -162,12 +162,12 @@ pub async fn write_notification(
     id: &str,
     body: Value,
 ) -> StoreResult<()> {
-    crate::surveillance::publish::publish(&engine.dispatcher, tx, id, body).await
+    crate::surveillance::publish::publish(&engine.dispatcher, tx, "dm1990", id, body).await
 }
 
 /// Withdraw a notification (status entered-in-error, same identifier), if it was notified.
 pub async fn withdraw(engine: &Dm1990, tx: &mut dyn StoreTx, id: &str) -> StoreResult<()> {
-    crate::surveillance::publish::withdraw(&engine.dispatcher, tx, id).await
+    crate::surveillance::publish::withdraw(&engine.dispatcher, tx, "dm1990", id).await
 }
 
 /// Make a case's notification agree with its reports; the recipients' warnings per report.

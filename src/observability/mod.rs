@@ -1,0 +1,3 @@
+//! What the server tells its operators about itself: Prometheus metrics (`metrics`). The bottom
+//! layer: it imports nothing of the crate, so every other layer may record into it.
+pub mod metrics;
