@@ -56,6 +56,15 @@ pub struct Config {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+    /// Export traces over OTLP/HTTP (protobuf) to this collector URL, e.g.
+    /// http://127.0.0.1:4318/v1/traces (spans carry route patterns, methods and statuses, never
+    /// URLs or ids). Without it no traces are kept. OTEL_EXPORTER_OTLP_HEADERS adds headers.
+    #[arg(long, env = "SENTINELLA_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Share of requests traced when --otlp-endpoint is set (0.0 to 1.0); a request whose
+    /// `traceparent` says its caller sampled it is always traced.
+    #[arg(long, env = "SENTINELLA_OTLP_SAMPLE_RATIO", default_value_t = 1.0, value_parser = sample_ratio)]
+    pub otlp_sample_ratio: f64,
     /// Largest accepted request body, in bytes (larger: 413).
     #[arg(long, env = "SENTINELLA_MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -135,6 +144,8 @@ impl Config {
             listen: "127.0.0.1:0".parse().expect("valid address"),
             database: database.into(),
             log_format: LogFormat::Text,
+            otlp_endpoint: None,
+            otlp_sample_ratio: 1.0,
             max_body_bytes: 10 * 1024 * 1024,
             max_writes_in_flight: 512,
             max_connections: 1024,
@@ -202,5 +213,13 @@ impl std::str::FromStr for TokenSecret {
             return Err("the token secret must be at least 32 characters long".into());
         }
         Ok(TokenSecret(s.to_string()))
+    }
+}
+
+/// A sampling ratio: a number from 0 to 1.
+fn sample_ratio(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("'{value}' is not a ratio between 0.0 and 1.0")),
     }
 }

@@ -36,6 +36,7 @@ use tower_http::trace::TraceLayer;
 use crate::auth::{Access, Principal};
 use crate::config::Config;
 use crate::error::{ApiError, ApiResult};
+use crate::observability::traces;
 use crate::store::SharedStore;
 use crate::surveillance::Engine;
 use write_task::Liveness;
@@ -365,7 +366,12 @@ pub fn router(state: AppState) -> Router {
             std::time::Duration::from_secs(state.config.body_timeout_secs.max(1)),
         ))
         .layer(CatchPanicLayer::custom(panic_answer))
-        .layer(TraceLayer::new_for_http())
+        // a span per request: route pattern, method, status; never the URL (see `traces`)
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(traces::request_span)
+                .on_response(traces::record_response),
+        )
         // outermost: counts every answer, a refusal or a panic included
         .layer(axum::middleware::from_fn(metrics::record))
         .with_state(state)

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 use crate::error::{ApiError, ApiResult};
 
@@ -74,12 +75,16 @@ impl WriteSlots {
             answered: false,
         };
         let fut = work(Liveness(gone));
-        let task = tokio::spawn(async move {
-            let answer = fut.await;
-            drop(slot);
-            drop(running);
-            answer
-        });
+        // the task's span is a child of the request's: a trace shows the write under its request
+        let task = tokio::spawn(
+            async move {
+                let answer = fut.await;
+                drop(slot);
+                drop(running);
+                answer
+            }
+            .instrument(tracing::info_span!("write")),
+        );
         let answer = task.await;
         mark.answered = true;
         match answer {

@@ -4,6 +4,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 use serde_json::Value;
+use tracing::Instrument;
 
 use crate::auth::{Principal, Role};
 use crate::error::{ApiError, ApiResult};
@@ -40,7 +41,11 @@ impl WriteTx {
 
     /// Commit; what the rules noted about the written resources (the sender's receipt).
     pub async fn commit(self) -> ApiResult<Vec<Note>> {
-        Ok(self.tx.commit_noting().await?)
+        Ok(self
+            .tx
+            .commit_noting()
+            .instrument(tracing::info_span!("commit"))
+            .await?)
     }
 
     /// May the caller write this (`resource` `None`: delete)? A Subscription is also checked and

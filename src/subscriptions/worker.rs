@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, Semaphore, watch};
+use tracing::Instrument;
 
 use super::bundle::{EventContent, StatusInfo, notification};
 use super::channel::Channels;
@@ -501,15 +502,26 @@ impl Worker {
     async fn send(&self, spec: &Spec, body: &Value) -> Result<(), super::channel::SendError> {
         let bytes = serde_json::to_vec(body).unwrap_or_default();
         let started = Instant::now();
+        let channel = channel_label(&spec.channel);
+        // a trace of its own per attempt (the worker is not inside any request)
+        let span = tracing::info_span!(
+            "deliver",
+            otel.kind = "client",
+            channel,
+            failure = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
         let sent = self
             .channels
             .send(&spec.channel, bytes, self.timeout(spec))
+            .instrument(span.clone())
             .await;
-        crate::observability::metrics::delivery(
-            channel_label(&spec.channel),
-            sent.as_ref().err().map(failure_label),
-            started.elapsed(),
-        );
+        let failure = sent.as_ref().err().map(failure_label);
+        if let Some(failure) = failure {
+            span.record("failure", failure);
+            span.record("otel.status_code", "ERROR");
+        }
+        crate::observability::metrics::delivery(channel, failure, started.elapsed());
         sent
     }
 
