@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::process::{SqliteFile, free_port, wait_until_ok};
 use common::{cancellation_marks, cancellation_system, distinct_lab_transaction};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -37,14 +38,6 @@ const SETTLE_BOUND: Duration = Duration::from_secs(30);
 /// goes up to 26 000, the last ones are for the writes after the load.
 const PERSONS: u32 = 25_000;
 const CRE_CATEGORY: &str = "https://sentinella-fhir.github.io/ig/CodeSystem/tipo-notifica|cre";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The server process, killed when dropped.
 struct Server {
@@ -87,24 +80,11 @@ async fn start(db: &str) -> Server {
         base: format!("http://127.0.0.1:{port}/fhir"),
         log,
     };
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = client.get(format!("{}/metadata", server.base)).send().await
-            && r.status() == 200
-        {
-            return server;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "server did not come up (log: {})",
-            server.log.display()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_ok(&format!("{}/metadata", server.base), || {
+        format!("log: {}", server.log.display())
+    })
+    .await;
+    server
 }
 
 /// A fresh PostgreSQL database, dropped with this guard.
@@ -648,24 +628,10 @@ async fn run(db: String, database: &str) {
 mod clients_go_away_mid_load {
     use super::*;
 
-    /// A fresh SQLite file, removed (with its WAL) when dropped, even when the test fails.
-    struct SqliteFile(std::path::PathBuf);
-
-    impl Drop for SqliteFile {
-        fn drop(&mut self) {
-            for suffix in ["", "-wal", "-shm"] {
-                let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
-            }
-        }
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn sqlite() {
-        let file = SqliteFile(std::env::temp_dir().join(format!(
-            "sentinella-cancellation-{}.db",
-            uuid::Uuid::new_v4().simple()
-        )));
-        run(format!("sqlite://{}", file.0.display()), "SQLite").await;
+        let file = SqliteFile::new("cancellation");
+        run(file.url(), "SQLite").await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

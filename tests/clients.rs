@@ -5,11 +5,14 @@
 //! Each test starts `sentinella serve` on a free port with a fresh SQLite file in development mode
 //! (no access file: one user, every right) and runs one suite against it. The suites' packages are
 //! installed by .ci/run; where they are missing the test fails and says how to install them.
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tokio::process::{Child, Command};
+use common::process::ServerProcess;
+use tokio::process::Command;
 
 /// A suite does about a hundred requests; this only stops a hung one.
 const SUITE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -18,99 +21,14 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The server binary on its own SQLite file; stopped and its files removed when dropped, also
-/// when a test fails.
-struct Server {
-    child: Child,
-    base: String,
-    db: PathBuf,
-    log: PathBuf,
-}
-
-impl Server {
-    async fn start() -> Server {
-        let name = format!("sentinella-clients-{}", uuid::Uuid::new_v4().simple());
-        let db = std::env::temp_dir().join(format!("{name}.db"));
-        let log = std::env::temp_dir().join(format!("{name}.log"));
-        let port = free_port();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_sentinella"));
-        command
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--database", &format!("sqlite://{}", db.display())])
-            .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
-            .stderr(Stdio::from(
-                std::fs::OpenOptions::new().append(true).open(&log).unwrap(),
-            ))
-            .env("NO_COLOR", "1")
-            .kill_on_drop(true);
-        // the documented defaults, whatever the environment configures (an access file, a base URL)
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("SENTINELLA_") {
-                command.env_remove(key);
-            }
-        }
-        let child = command.spawn().expect("the server binary starts");
-        let server = Server {
-            child,
-            base: format!("http://127.0.0.1:{port}/fhir"),
-            db,
-            log,
-        };
-        server.wait_ready().await;
-        server
-    }
-
-    async fn wait_ready(&self) {
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(r) = client.get(format!("{}/metadata", self.base)).send().await
-                && r.status() == 200
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the server did not come up:\n{}",
-                self.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", self.db.display()));
-        }
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
 /// Run a suite against a fresh server; fail with its output (and the server's log) unless it
 /// passed every step.
 async fn run_suite(program: &Path, script: &str) {
-    let server = Server::start().await;
+    let server = ServerProcess::start("clients", &[]).await;
     let mut command = Command::new(program);
     command
         .arg(root().join(script))
-        .arg(&server.base)
+        .arg(server.base())
         .current_dir(root())
         .stdin(Stdio::null())
         .kill_on_drop(true);

@@ -1,48 +1,39 @@
 //! Idle and half-sent connections cannot exhaust the server: the `sentinella serve` binary closes a
 //! connection whose headers do not arrive in time and keeps at most `--max-connections` open, so a
 //! legitimate client is served while others hold connections open without a token.
+mod common;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::process::{SqliteFile, free_port, wait_until_ok};
 
+/// The server process, killed when dropped (then its database file is removed).
 struct Server {
     child: Child,
     port: u16,
-    db: std::path::PathBuf,
+    _db: SqliteFile,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", self.db.display()));
-        }
     }
 }
 
 async fn start(extra: &[&str]) -> Server {
-    let db = std::env::temp_dir().join(format!(
-        "sentinella-conn-{}.db",
-        uuid::Uuid::new_v4().simple()
-    ));
+    let db = SqliteFile::new("conn");
     let port = free_port();
     let mut args = vec![
         "serve".to_string(),
         "--listen".into(),
         format!("127.0.0.1:{port}"),
         "--database".into(),
-        format!("sqlite://{}", db.display()),
+        db.url(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     let child = Command::new(env!("CARGO_BIN_EXE_sentinella"))
@@ -51,21 +42,17 @@ async fn start(extra: &[&str]) -> Server {
         .stderr(Stdio::null())
         .spawn()
         .expect("server binary starts");
-    let server = Server { child, port, db };
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = client
-            .get(format!("http://127.0.0.1:{port}/fhir/metadata"))
-            .send()
-            .await
-            && r.status() == 200
-        {
-            return server;
-        }
-        assert!(Instant::now() < deadline, "server did not come up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let server = Server {
+        child,
+        port,
+        _db: db,
+    };
+    wait_until_ok(
+        &format!("http://127.0.0.1:{port}/fhir/metadata"),
+        String::new,
+    )
+    .await;
+    server
 }
 
 /// Read until the server closes the connection; `None` if it is still open at the deadline.

@@ -8,10 +8,11 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::http::{Method, StatusCode};
 use common::TestApp;
+use common::process::ServerProcess;
 use sentinella::config::Config;
 use serde_json::{Value, json};
 
@@ -546,88 +547,6 @@ fn browser_tools() -> PathBuf {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The server binary with the access file, on its own SQLite file; stopped when dropped.
-struct Server {
-    child: tokio::process::Child,
-    origin: String,
-    db: PathBuf,
-    log: PathBuf,
-}
-
-impl Server {
-    async fn start(access: &str) -> Server {
-        let name = format!("sentinella-dashboard-{}", uuid::Uuid::new_v4().simple());
-        let db = std::env::temp_dir().join(format!("{name}.db"));
-        let log = std::env::temp_dir().join(format!("{name}.log"));
-        let port = free_port();
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_sentinella"));
-        command
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--database", &format!("sqlite://{}", db.display())])
-            .args(["--config", access])
-            .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
-            .stderr(Stdio::from(
-                std::fs::OpenOptions::new().append(true).open(&log).unwrap(),
-            ))
-            .env("NO_COLOR", "1")
-            .kill_on_drop(true);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("SENTINELLA_") {
-                command.env_remove(key);
-            }
-        }
-        let server = Server {
-            child: command.spawn().expect("the server binary starts"),
-            origin: format!("http://127.0.0.1:{port}"),
-            db,
-            log,
-        };
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(r) = client
-                .get(format!("{}/fhir/metadata", server.origin))
-                .send()
-                .await
-                && r.status() == 200
-            {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the server did not come up:\n{}",
-                server.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        server
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", self.db.display()));
-        }
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
 /// The seeded cases posted to a running server (the same requests as `seed`).
 async fn seed_server(origin: &str) {
     let client = reqwest::Client::new();
@@ -688,7 +607,7 @@ async fn seed_server(origin: &str) {
 async fn the_dashboard_in_headless_chromium() {
     let node = browser_tools();
     let access = common::access_file(ACCESS, &TOKENS);
-    let server = Server::start(&access).await;
+    let server = ServerProcess::start("dashboard", &["--config", &access]).await;
     seed_server(&server.origin).await;
 
     let shots = root().join("target/dashboard");

@@ -7,16 +7,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::process::{SqliteFile, free_port, wait_until_ok};
 use common::subscriber::*;
 use serde_json::Value;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Server {
     child: Child,
@@ -50,18 +43,9 @@ async fn start(db: &str) -> Server {
         .spawn()
         .expect("server binary starts");
     let base = format!("http://127.0.0.1:{port}/fhir");
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = client.get(format!("{base}/metadata")).send().await
-            && r.status() == 200
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "server did not come up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Server { child, base }
+    let server = Server { child, base };
+    wait_until_ok(&format!("{}/metadata", server.base), String::new).await;
+    server
 }
 
 async fn post(base: &str, path: &str, body: &Value) -> Value {
@@ -108,14 +92,6 @@ async fn fresh_postgres() -> String {
     format!("{admin}/{name}")
 }
 
-fn fresh_sqlite() -> String {
-    let path = std::env::temp_dir().join(format!(
-        "sentinella-proc-{}.db",
-        uuid::Uuid::new_v4().simple()
-    ));
-    format!("sqlite://{}", path.display())
-}
-
 /// Commit, fail to deliver, SIGKILL, restart: the event still arrives.
 async fn killed_between_commit_and_delivery(db: String) {
     let hook = Hook::start().await;
@@ -142,15 +118,17 @@ async fn killed_between_commit_and_delivery(db: String) {
     assert!(hook.of_type("event-notification").await.is_empty());
     hook.fail(false);
     let restarted = start(&db).await;
-    // the killed process's lease must lapse first: a generous deadline on a loaded machine
-    let ev = hook.wait_for("event-notification", 1, 60).await;
+    // when the kill caught it holding the lease, the lease must lapse first (60 s after its last
+    // renewal, `LEASE_MICROS`): the deadline is that plus room for a loaded machine
+    let ev = hook.wait_for("event-notification", 1, 90).await;
     assert_eq!(events_of(&ev[0])[0].0, 1);
     assert_eq!(status_of(&restarted.base, &id).await, "active");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_committed_before_a_sigkill_arrives_after_restart_sqlite() {
-    killed_between_commit_and_delivery(fresh_sqlite()).await
+    let file = SqliteFile::new("proc");
+    killed_between_commit_and_delivery(file.url()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,15 +1,11 @@
 //! The `sentinella serve` binary: starts on a new SQLite file (migrations), answers, stops cleanly
 //! on SIGTERM, and finds its data again after a restart.
+mod common;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::process::{SqliteFile, free_port, wait_until_ok};
 
 fn start(db: &str, port: u16) -> Child {
     Command::new(env!("CARGO_BIN_EXE_sentinella"))
@@ -24,19 +20,6 @@ fn start(db: &str, port: u16) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .expect("server binary starts")
-}
-
-async fn wait_ready(client: &reqwest::Client, base: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = client.get(format!("{base}/metadata")).send().await
-            && r.status() == 200
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "server did not come up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn terminate(mut child: Child) -> std::process::ExitStatus {
@@ -57,17 +40,14 @@ fn terminate(mut child: Child) -> std::process::ExitStatus {
 
 #[tokio::test]
 async fn serve_stops_cleanly_on_sigterm_and_keeps_its_data() {
-    let path = std::env::temp_dir().join(format!(
-        "sentinella-proc-{}.db",
-        uuid::Uuid::new_v4().simple()
-    ));
-    let db = format!("sqlite://{}", path.display());
+    let file = SqliteFile::new("proc");
+    let db = file.url();
     let client = reqwest::Client::new();
 
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}/fhir");
     let child = start(&db, port);
-    wait_ready(&client, &base).await;
+    wait_until_ok(&format!("{base}/metadata"), String::new).await;
     let created = client
         .post(format!("{base}/Patient"))
         .header("content-type", "application/fhir+json")
@@ -84,7 +64,7 @@ async fn serve_stops_cleanly_on_sigterm_and_keeps_its_data() {
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}/fhir");
     let child = start(&db, port);
-    wait_ready(&client, &base).await;
+    wait_until_ok(&format!("{base}/metadata"), String::new).await;
     let read = client
         .get(format!("{base}/Patient/{id}"))
         .send()
@@ -93,7 +73,4 @@ async fn serve_stops_cleanly_on_sigterm_and_keeps_its_data() {
     assert_eq!(read.status(), 200);
     assert!(read.text().await.unwrap().contains("Verdi"));
     assert!(terminate(child).success());
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-    }
 }

@@ -1,6 +1,8 @@
 //! `sentinella serve --otlp-endpoint`: the server binary exports its spans over OTLP/HTTP to a
 //! collector (here a receiver in the test that decodes the protobuf requests), continues the
 //! caller's W3C trace, and puts no URL, query or identifier in what it exports.
+mod common;
+
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -9,6 +11,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
+use common::process::{SqliteFile, free_port, wait_until_ok};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::Span;
@@ -64,29 +67,6 @@ async fn collector() -> (Received, String) {
     (received, url)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn temp_db() -> (std::path::PathBuf, String) {
-    let path = std::env::temp_dir().join(format!(
-        "sentinella-traces-{}.db",
-        uuid::Uuid::new_v4().simple()
-    ));
-    let url = format!("sqlite://{}", path.display());
-    (path, url)
-}
-
-fn remove_db(path: &std::path::Path) {
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-    }
-}
-
 fn server(db: &str, port: u16, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_sentinella"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
@@ -99,22 +79,6 @@ fn server(db: &str, port: u16, extra: &[&str]) -> Child {
         .kill_on_drop(true)
         .spawn()
         .expect("server binary starts")
-}
-
-async fn wait_ready(client: &reqwest::Client, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = client
-            .get(format!("http://127.0.0.1:{port}/healthz"))
-            .send()
-            .await
-            && r.status() == 200
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "server did not come up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn string_attribute(attributes: &[KeyValue], key: &str) -> Option<String> {
@@ -170,11 +134,11 @@ async fn wait_for(received: &Received, what: &str, done: impl Fn(&[Span]) -> boo
 #[tokio::test]
 async fn otlp_traces_continue_the_callers_trace_and_carry_no_identifiers() {
     let (received, endpoint) = collector().await;
-    let (path, db) = temp_db();
+    let db = SqliteFile::new("traces");
     let port = free_port();
-    let mut child = server(&db, port, &["--otlp-endpoint", &endpoint]);
+    let mut child = server(&db.url(), port, &["--otlp-endpoint", &endpoint]);
     let client = reqwest::Client::new();
-    wait_ready(&client, port).await;
+    wait_until_ok(&format!("http://127.0.0.1:{port}/healthz"), String::new).await;
     let base = format!("http://127.0.0.1:{port}/fhir");
 
     let created = client
@@ -268,18 +232,17 @@ async fn otlp_traces_continue_the_callers_trace_and_carry_no_identifiers() {
     );
 
     child.kill().await.unwrap();
-    remove_db(&path);
 }
 
 #[tokio::test]
 async fn otlp_collector_down_does_not_slow_or_fail_requests() {
     // a port nobody listens on: every export fails, in the exporter's own thread
     let endpoint = format!("http://127.0.0.1:{}/v1/traces", free_port());
-    let (path, db) = temp_db();
+    let db = SqliteFile::new("traces");
     let port = free_port();
-    let mut child = server(&db, port, &["--otlp-endpoint", &endpoint]);
+    let mut child = server(&db.url(), port, &["--otlp-endpoint", &endpoint]);
     let client = reqwest::Client::new();
-    wait_ready(&client, port).await;
+    wait_until_ok(&format!("http://127.0.0.1:{port}/healthz"), String::new).await;
     for _ in 0..20 {
         let started = Instant::now();
         let created = client
@@ -297,12 +260,11 @@ async fn otlp_collector_down_does_not_slow_or_fail_requests() {
         "the server is still up"
     );
     child.kill().await.unwrap();
-    remove_db(&path);
 }
 
 #[tokio::test]
 async fn otlp_bad_settings_stop_the_server_at_start() {
-    let (path, db) = temp_db();
+    let db = SqliteFile::new("traces");
     for (args, expected) in [
         (
             vec!["--otlp-endpoint", "http://exa mple/v1/traces"],
@@ -310,7 +272,7 @@ async fn otlp_bad_settings_stop_the_server_at_start() {
         ),
         (vec!["--otlp-sample-ratio", "1.5"], "1.5"),
     ] {
-        let child = server(&db, free_port(), &args);
+        let child = server(&db.url(), free_port(), &args);
         let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
             .await
             .expect("the server stops at once")
@@ -319,5 +281,4 @@ async fn otlp_bad_settings_stop_the_server_at_start() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
-    remove_db(&path);
 }

@@ -1,6 +1,7 @@
 //! Test harness: the real router in process, on a fresh SQLite file or a fresh PostgreSQL database.
 #![allow(dead_code)]
 
+pub mod process;
 pub mod subscriber;
 
 use axum::Router;
