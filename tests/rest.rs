@@ -3,7 +3,7 @@ mod common;
 
 use axum::http::StatusCode;
 use common::fixture;
-use serde_json::json;
+use serde_json::{Value, json};
 
 on_both_databases! {
     async fn create_read_vread_update_delete_and_history(app) {
@@ -167,5 +167,21 @@ on_both_databases! {
             assert!(params.contains(&p), "Observation search parameter {p} missing");
         }
         assert_eq!(r.body["format"], json!(["application/fhir+json", "json", "application/fhir+xml", "xml"]));
+        // FHIR JSON has no empty arrays or objects and no nulls
+        fn no_empty(v: &Value, at: &str) {
+            match v {
+                Value::Array(a) => {
+                    assert!(!a.is_empty(), "empty array at {at}");
+                    a.iter().enumerate().for_each(|(i, x)| no_empty(x, &format!("{at}[{i}]")));
+                }
+                Value::Object(o) => {
+                    assert!(!o.is_empty(), "empty object at {at}");
+                    o.iter().for_each(|(k, x)| no_empty(x, &format!("{at}.{k}")));
+                }
+                Value::Null => panic!("null at {at}"),
+                _ => {}
+            }
+        }
+        no_empty(&r.body, "CapabilityStatement");
     }
 }

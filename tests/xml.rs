@@ -10,6 +10,23 @@ const OBSERVATION_XML: &str = r#"<Observation xmlns="http://hl7.org/fhir">
 </Observation>"#;
 
 on_both_databases! {
+    async fn answers_the_server_makes_itself_are_served_in_xml(app) {
+        // the CapabilityStatement and an empty $status searchset once held empty arrays, which
+        // FHIR JSON forbids and the XML writer could not take (a 500)
+        for path in ["/fhir/metadata?_format=xml", "/fhir/Subscription/$status?_format=xml"] {
+            let r = app.get(path).await;
+            assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text);
+            assert!(r.header("content-type").unwrap().starts_with("application/fhir+xml"));
+            assert!(r.text.starts_with("<?xml"), "{path}: {}", r.text);
+        }
+        let cs = app.get("/fhir/metadata?_format=xml").await;
+        assert!(cs.text.contains("<CapabilityStatement"), "{}", cs.text);
+        assert!(cs.text.contains("<searchInclude value=\"Observation:patient\"/>"), "{}", cs.text);
+        let status = app.get("/fhir/Subscription/$status").await;
+        assert_eq!(status.body["total"], 0);
+        assert!(status.body.get("entry").is_none(), "{}", status.text);
+    }
+
     async fn xml_in_and_out(app) {
         let xml_in = [("content-type", "application/fhir+xml"), ("accept", "application/fhir+xml")];
         let r = app.request(Method::POST, "/fhir/Observation", &xml_in, Some(OBSERVATION_XML.as_bytes().to_vec())).await;

@@ -72,12 +72,16 @@ fn status_code(s: &str) -> &'static str {
 }
 
 fn searchset(entries: Vec<Value>) -> Value {
-    json!({
+    let mut bundle = json!({
         "resourceType": "Bundle",
         "type": "searchset",
         "total": entries.len(),
-        "entry": entries,
-    })
+    });
+    // FHIR JSON has no empty arrays: no subscription, no `entry`
+    if !entries.is_empty() {
+        bundle["entry"] = Value::Array(entries);
+    }
+    bundle
 }
 
 fn status_entry(base: &str, row: &SubscriptionRow) -> Value {

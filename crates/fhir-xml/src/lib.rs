@@ -61,12 +61,24 @@ pub fn check_depth(xml: &[u8], max: usize) -> Result<(), String> {
 
 /// Convert R4 JSON text into XML.
 pub fn json_to_xml(json: &[u8]) -> Result<String, String> {
-    let resource: Resource = fhirbolt::json::from_slice(json, None).map_err(|e| e.to_string())?;
+    // fhirbolt's JSON reader unwraps where it meets an empty array (`"entry": []`, which FHIR JSON
+    // forbids): whatever JSON it cannot take is an error here, never a panic in a request
+    let read = std::panic::catch_unwind(|| fhirbolt::json::from_slice::<Resource>(json, None));
+    let resource: Resource = match read {
+        Ok(r) => r.map_err(|e| e.to_string())?,
+        Err(_) => return Err("the JSON could not be read as a FHIR resource".into()),
+    };
     fhirbolt::xml::to_string(&resource, None).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_empty_array_is_an_error_not_a_panic() {
+        let json = br#"{"resourceType":"Bundle","type":"searchset","entry":[]}"#;
+        assert!(super::json_to_xml(json).is_err());
+    }
+
     #[test]
     fn deep_nesting_is_refused_before_parsing() {
         let mut xml = String::from(r#"<Patient xmlns="http://hl7.org/fhir">"#);
