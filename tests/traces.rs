@@ -67,14 +67,17 @@ async fn collector() -> (Received, String) {
     (received, url)
 }
 
-fn server(db: &str, port: u16, extra: &[&str]) -> Child {
+/// The server on `db`, its log (stdout) in `<db>.log`.
+fn server(db: &SqliteFile, port: u16, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_sentinella"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--database", db])
+        .args(["--database", &db.url()])
         .args(extra)
         // export every few hundred milliseconds rather than every five seconds
         .env("OTEL_BSP_SCHEDULE_DELAY", "200")
-        .stdout(Stdio::null())
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::from(std::fs::File::create(log_of(db)).unwrap()))
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -115,6 +118,10 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Wait until the collector holds spans satisfying `done`, or fail after 30 s.
+fn log_of(db: &SqliteFile) -> std::path::PathBuf {
+    db.path.with_extension("log")
+}
+
 async fn wait_for(received: &Received, what: &str, done: impl Fn(&[Span]) -> bool) -> Vec<Span> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -136,7 +143,7 @@ async fn otlp_traces_continue_the_callers_trace_and_carry_no_identifiers() {
     let (received, endpoint) = collector().await;
     let db = SqliteFile::new("traces");
     let port = free_port();
-    let mut child = server(&db.url(), port, &["--otlp-endpoint", &endpoint]);
+    let mut child = server(&db, port, &["--otlp-endpoint", &endpoint]);
     let client = reqwest::Client::new();
     wait_until_ok(&format!("http://127.0.0.1:{port}/healthz"), String::new).await;
     let base = format!("http://127.0.0.1:{port}/fhir");
@@ -232,6 +239,7 @@ async fn otlp_traces_continue_the_callers_trace_and_carry_no_identifiers() {
     );
 
     child.kill().await.unwrap();
+    let _ = std::fs::remove_file(log_of(&db));
 }
 
 #[tokio::test]
@@ -240,7 +248,7 @@ async fn otlp_collector_down_does_not_slow_or_fail_requests() {
     let endpoint = format!("http://127.0.0.1:{}/v1/traces", free_port());
     let db = SqliteFile::new("traces");
     let port = free_port();
-    let mut child = server(&db.url(), port, &["--otlp-endpoint", &endpoint]);
+    let mut child = server(&db, port, &["--otlp-endpoint", &endpoint]);
     let client = reqwest::Client::new();
     wait_until_ok(&format!("http://127.0.0.1:{port}/healthz"), String::new).await;
     for _ in 0..20 {
@@ -259,7 +267,21 @@ async fn otlp_collector_down_does_not_slow_or_fail_requests() {
         child.try_wait().unwrap().is_none(),
         "the server is still up"
     );
+    // and the operator is told, in the log
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = std::fs::read_to_string(log_of(&db)).unwrap_or_default();
+        if log
+            .lines()
+            .any(|l| l.contains("ERROR") && l.contains("BatchSpanProcessor.ExportError"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no export error logged:\n{log}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     child.kill().await.unwrap();
+    let _ = std::fs::remove_file(log_of(&db));
 }
 
 #[tokio::test]
@@ -272,7 +294,7 @@ async fn otlp_bad_settings_stop_the_server_at_start() {
         ),
         (vec!["--otlp-sample-ratio", "1.5"], "1.5"),
     ] {
-        let child = server(&db.url(), free_port(), &args);
+        let child = server(&db, free_port(), &args);
         let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
             .await
             .expect("the server stops at once")
@@ -281,4 +303,5 @@ async fn otlp_bad_settings_stop_the_server_at_start() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
+    let _ = std::fs::remove_file(log_of(&db));
 }
