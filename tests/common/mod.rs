@@ -199,6 +199,13 @@ impl TestApp {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
+        // the access file `access_file` wrote for this app (read once, when the app was built)
+        if let Some(path) = &self.state.config.access_file
+            && std::path::Path::new(path).starts_with(std::env::temp_dir())
+            && path.contains("sentinella-access-")
+        {
+            let _ = std::fs::remove_file(path);
+        }
         match &self.db {
             Db::Sqlite(path) => {
                 for suffix in ["", "-wal", "-shm"] {
