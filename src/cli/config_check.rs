@@ -14,7 +14,8 @@ pub enum ConfigCommand {
     #[command(after_help = concat!(
         "Examples:
   sentinella config check /etc/sentinella/access.toml
-  sentinella config check access.toml && systemctl reload sentinella
+  sentinella config check access.toml && systemctl restart sentinella
+  (the server reads its access file when it starts: a changed file takes effect on restart)
 
 ",
         exit_codes!()

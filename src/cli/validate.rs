@@ -116,9 +116,13 @@ impl Report<'_> {
             .filter(|i| i.severity == Severity::Warning)
             .count();
         let verdict = if errors > 0 {
-            format!("INVALID ({errors} errors, {warnings} warnings)")
+            format!(
+                "INVALID ({}, {})",
+                counted(errors, "error"),
+                counted(warnings, "warning")
+            )
         } else if warnings > 0 {
-            format!("valid ({warnings} warnings)")
+            format!("valid ({})", counted(warnings, "warning"))
         } else {
             "valid".into()
         };
@@ -249,5 +253,14 @@ pub fn run(args: &Args) -> Exit {
         Exit::Rejected
     } else {
         Exit::Ok
+    }
+}
+
+/// `1 error`, `3 errors`.
+fn counted(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
     }
 }
