@@ -368,6 +368,10 @@ on_both_databases_with! { with_access;
         assert!(r.text.contains("Scuola &quot;Manzoni&quot; &lt;b&gt;primaria&lt;/b&gt;"), "{}", r.text);
         assert!(!r.text.contains("<b>primaria"));
         assert!(r.text.contains("Epicurva CRE per specie e mese"));
+        // diseases by the decree's Italian names, not ICD-9-CM's English displays
+        assert!(r.text.contains(">055 Morbillo</td>"), "{}", r.text);
+        assert!(r.text.contains(">001 Colera</td>"), "{}", r.text);
+        assert!(!r.text.contains("Measles"));
         links_give_the_numbers(&app, &nums, "admin-token").await;
 
         // the region filter: Valle d'Aosta alone

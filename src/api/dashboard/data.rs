@@ -2,6 +2,8 @@
 //! written once as parameters, parsed by the API's own parser, limited by the viewer's scope as
 //! the API limits it (`Principal::scope`), and counted by the store. Following the link with the
 //! same client's token gives a searchset whose `total` is the number shown.
+use std::sync::OnceLock;
+
 use futures::StreamExt;
 use serde_json::Value;
 
@@ -11,6 +13,7 @@ use crate::api::search::{SearchRequest, parse_search};
 use crate::auth::Principal;
 use crate::error::ApiResult;
 use crate::store::{StoredResource, SubscriptionRow};
+use crate::surveillance::dm1990::rules::RuleSet;
 use crate::terminology::{CANON, ICD9CM};
 
 /// Counts run this many at a time: a page waits for the slowest, not for their sum.
@@ -361,14 +364,33 @@ fn sub_extension<'a>(ext: &'a Value, name: &str) -> Option<&'a Value> {
         .find(|e| e["url"] == name)
 }
 
-/// `055.9 Morbillo…` of the first reason code.
+/// `055 Morbillo` of the first reason code: the D.M. 1990 name of the disease where the decree
+/// lists it, else the code's own display (ICD-9-CM's is English).
 fn disease(resource: &Value) -> String {
     let coding = &resource["reasonCode"][0]["coding"][0];
-    match (coding["code"].as_str(), coding["display"].as_str()) {
-        (Some(c), Some(d)) => format!("{c} {d}"),
-        (Some(c), None) => c.to_string(),
-        _ => String::new(),
+    let Some(code) = coding["code"].as_str() else {
+        return String::new();
+    };
+    match italian_name(code).or_else(|| coding["display"].as_str().map(str::to_string)) {
+        Some(name) => format!("{code} {name}"),
+        None => code.to_string(),
     }
+}
+
+/// The decree's (Italian) name of the disease a code belongs to, from the rule sets in
+/// `profiles/`, capitalised: `055` → `Morbillo`.
+fn italian_name(code: &str) -> Option<String> {
+    static SETS: OnceLock<Vec<RuleSet>> = OnceLock::new();
+    let sets = SETS.get_or_init(|| RuleSet::load_all().unwrap_or_default());
+    let name = sets
+        .iter()
+        .find_map(|s| s.classify(code))?
+        .disease
+        .name
+        .clone();
+    let mut chars = name.chars();
+    let first = chars.next()?;
+    Some(first.to_uppercase().chain(chars).collect())
 }
 
 fn category_code(resource: &Value) -> String {
