@@ -18,8 +18,8 @@ pub fn fhir_json(status: StatusCode, body: &Value) -> Response {
     raw_json(status, text)
 }
 
-pub fn raw_json(status: StatusCode, text: String) -> Response {
-    let mut resp = (status, Body::from(text)).into_response();
+pub fn raw_json(status: StatusCode, text: impl Into<Body>) -> Response {
+    let mut resp = (status, text.into()).into_response();
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
     resp

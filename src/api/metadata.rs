@@ -2,12 +2,12 @@
 use std::sync::Mutex;
 
 use axum::extract::RawQuery;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-use super::format::{BaseUrl, FHIR_JSON, negotiate};
+use super::format::{BaseUrl, negotiate, raw_json};
 use crate::error::ApiResult;
 use crate::fhir::{Definitions, SERVED_TYPES};
 use crate::subscriptions::spec::BACKPORT;
@@ -213,8 +213,7 @@ fn description() -> String {
             .unwrap_or_default(),
     ];
     sets.extend(
-        crate::surveillance::dm1990::rules::RuleSet::load_all()
-            .unwrap_or_default()
+        crate::surveillance::dm1990::rules::RuleSet::shared()
             .iter()
             .map(|s| s.canonical()),
     );
@@ -269,11 +268,7 @@ pub async fn metadata(
             body
         }
     };
-    let mut response = (StatusCode::OK, body).into_response();
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
-    Ok(response)
+    Ok(raw_json(StatusCode::OK, body))
 }
 
 /// The last statement served, by base URL and token endpoint (it depends on nothing else while

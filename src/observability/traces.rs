@@ -1,8 +1,8 @@
 //! Logs and, when asked for, OpenTelemetry traces over OTLP/HTTP (protobuf), for a collector
 //! (OpenTelemetry Collector, Tempo, Jaeger) at `--otlp-endpoint`.
 //!
-//! What a span carries is chosen here, once: the route pattern (`/fhir/{type}/{id}`), the method,
-//! the status, the resource type of a write and the channel of a delivery. Never a URL, a query
+//! What a request span carries is chosen here, once: the route pattern (`/fhir/{type}/{id}`), the
+//! method and the status (a delivery span, in the worker: its channel and failure). Never a URL, a query
 //! string, an id or a header: searches carry codici fiscali, and a trace backend is not a place for
 //! health data. Only this crate's own spans are exported, at `info`, whatever `RUST_LOG` says, so
 //! the exporter's own HTTP client cannot trace itself.

@@ -2,8 +2,6 @@
 //! written once as parameters, parsed by the API's own parser, limited by the viewer's scope as
 //! the API limits it (`Principal::scope`), and counted by the store. Following the link with the
 //! same client's token gives a searchset whose `total` is the number shown.
-use std::sync::OnceLock;
-
 use futures::StreamExt;
 use serde_json::Value;
 
@@ -380,9 +378,7 @@ fn disease(resource: &Value) -> String {
 /// The decree's (Italian) name of the disease a code belongs to, from the rule sets in
 /// `profiles/`, capitalised: `055` → `Morbillo`.
 fn italian_name(code: &str) -> Option<String> {
-    static SETS: OnceLock<Vec<RuleSet>> = OnceLock::new();
-    let sets = SETS.get_or_init(|| RuleSet::load_all().unwrap_or_default());
-    let name = sets
+    let name = RuleSet::shared()
         .iter()
         .find_map(|s| s.classify(code))?
         .disease

@@ -171,6 +171,14 @@ fn option_holds(o: &Opt, results: &Results) -> Result<(), Vec<String>> {
 }
 
 impl RuleSet {
+    /// The rule sets, read once per process, for readers outside the write path (the
+    /// CapabilityStatement, the dashboard's disease names); empty when `load_all` fails, which
+    /// stops the server at start anyway.
+    pub fn shared() -> &'static [RuleSet] {
+        static SETS: std::sync::OnceLock<Vec<RuleSet>> = std::sync::OnceLock::new();
+        SETS.get_or_init(|| RuleSet::load_all().unwrap_or_default())
+    }
+
     pub fn load_all() -> Result<Vec<RuleSet>, String> {
         let mut out = Vec::new();
         for f in crate::fhir::profile::data_files("case-definition-") {
